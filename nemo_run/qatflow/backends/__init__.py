@@ -1,0 +1,19 @@
+"""Backends implement the model stages behind one interface; the graph, data, evaluation, verify and report
+are shared.
+
+A backend module provides:
+    import_model(ctx) -> metrics     01_import: source -> the backend's checkpoint in ctx.out_dir/model
+    quantize(ctx) -> metrics         02_ptq:    calibrated quantized checkpoint in ctx.out_dir/model
+    train(ctx) -> metrics            03_train:  trained student in ctx.out_dir/model, train_log.jsonl
+    export(ctx) -> metrics           04_export: unified HF checkpoint in ctx.out_dir/checkpoint
+    load_model(stage_dir, config, device) -> (torch module returning logits, tokenizer)
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+
+def get_backend(name: str) -> ModuleType:
+    return importlib.import_module(f"qatflow.backends.{name}")

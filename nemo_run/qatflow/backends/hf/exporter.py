@@ -1,0 +1,36 @@
+"""04_export for the hf backend: ModelOpt's unified Hugging Face checkpoint of the trained student."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from qatflow.backends.hf.modeling import DTYPES, device_of, load_model, load_tokenizer, stage_model_dir
+from qatflow.stages.runner import StageContext
+
+CHECKPOINT_SUBDIR = "checkpoint"
+QUANT_CONFIG = "hf_quant_config.json"
+
+
+def export(ctx: StageContext) -> dict:
+    from modelopt.torch.export import export_hf_checkpoint
+
+    config = ctx.config
+    model_dir = stage_model_dir(ctx.inputs["03_train"])
+    device = device_of(config)
+    model = load_model(model_dir, torch.float32, device, config.model.trust_remote_code).eval()
+    tokenizer = load_tokenizer(model_dir)
+    target = ctx.out_dir / CHECKPOINT_SUBDIR
+    ctx.log(f"exporting unified HF checkpoint ({config.ptq.algorithm}, {config.export.dtype}) to {target}")
+    with torch.no_grad():
+        export_hf_checkpoint(model, dtype=DTYPES[config.export.dtype], export_dir=target)
+    tokenizer.save_pretrained(target)  # tokenizer and chat template ship with the weights
+    quant = json.loads((target / QUANT_CONFIG).read_text()) if (target / QUANT_CONFIG).is_file() else {}
+    quantization = quant.get("quantization", {})
+    size = sum(p.stat().st_size for p in target.glob("*.safetensors"))
+    ctx.log(f"export: {size / 1e6:.1f} MB of safetensors, quant_algo {quantization.get('quant_algo')}")
+    return {"checkpoint": str(ctx.final_dir / CHECKPOINT_SUBDIR),
+            "safetensors_bytes": size, "quant_algo": quantization.get("quant_algo"),
+            "exclude_modules": quantization.get("exclude_modules", []),
+            "kv_cache_quant_algo": quantization.get("kv_cache_quant_algo")}

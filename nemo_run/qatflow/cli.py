@@ -1,0 +1,157 @@
+"""`nemo-qat-flow` / `python nemo_run/nemo_qat_flow.py`: settings -> checks -> the nemo_run graph."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from qatflow import paths
+from qatflow.config import BACKENDS, EXECUTORS, ConfigError, FlowConfig, build_config
+from qatflow.stages import STAGE_NAMES
+
+DEFAULT_RECIPE = "smollm2_135m"
+
+
+def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
+    """A kebab-case flag that also accepts the upstream flow's underscore spelling."""
+    spellings = [f"--{name}"]
+    if "-" in name:
+        spellings.append(f"--{name.replace('-', '_')}")
+    parser.add_argument(*spellings, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nemo_qat_flow.py",
+        description="Quantization-aware training (QAT) or distillation (QAD, --distill) of a Hugging Face LLM to "
+                    "NVFP4 as a nemo_run experiment: 00_data -> 01_import -> 02_ptq -> 03_train -> 04_export -> "
+                    "05_verify, with BF16/PTQ/trained evaluation and a report.")
+    _flag(parser, "recipe", default=DEFAULT_RECIPE,
+          help="shipped recipe name (recipes/<name>.yaml; <name>_qad / <name>_qat picked by --distill) or a YAML path")
+    _flag(parser, "model-name", help="HF hub id, local HF folder, .gguf file or pkg://<package>/<file>")
+    _flag(parser, "data-path", help="OpenAI-messages or ShareGPT JSONL, or a folder with training/validation.jsonl")
+    _flag(parser, "distill", action="store_true", default=None,
+          help="QAD: distil from the full-precision teacher (default QAT with cross-entropy)")
+    _flag(parser, "chat-template", help="Jinja chat template file or shipped name; overrides the tokenizer's")
+    _flag(parser, "hf-tokenizer", help="tokenizer (hub id or folder) to use instead of the model's")
+    _flag(parser, "algorithm", help="quantization format (nvfp4, fp8, int8_sq, int4_awq, w4a8_awq, ...)")
+    _flag(parser, "kv-cache-qformat", help="KV-cache format when --enable-kv-cache: fp8 or nvfp4")
+    _flag(parser, "enable-kv-cache", action="store_true", default=None, help="quantize the KV cache too")
+    _flag(parser, "learning-rate", type=float, help="learning rate of QAT and QAD alike")
+    _flag(parser, "experiment", help="experiment name: outputs go to <log-dir>/<experiment>/")
+    _flag(parser, "log-dir", help="root folder of experiments (default logs)")
+    _flag(parser, "ptq-gpus", type=int, help="GPUs for import, PTQ, export and evaluation")
+    _flag(parser, "train-gpus", type=int, help="GPUs per node for training")
+    _flag(parser, "train-nodes", type=int, help="nodes for training")
+    _flag(parser, "tensor-parallelism", type=int, help="tensor-parallel size (nemo backend)")
+    _flag(parser, "pipeline-parallelism", type=int, help="pipeline-parallel size (nemo backend)")
+    _flag(parser, "backend", choices=BACKENDS, help="hf (transformers + ModelOpt) or nemo (NeMo 2 / megatron-core)")
+    _flag(parser, "executor", choices=EXECUTORS, help="where stages run")
+    _flag(parser, "use-slurm", action="store_true", help="same as --executor slurm")
+    _flag(parser, "device", choices=("auto", "cpu", "cuda"), help="hf backend device (default auto)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override any setting, e.g. --set train.lr=2e-5 (repeatable)")
+    _flag(parser, "dry-run", action="store_true", help="print the graph and exit without running anything")
+    parser.add_argument("--force", action="store_true", help="redo every stage")
+    _flag(parser, "from-stage", choices=STAGE_NAMES, help="redo this stage and every stage after it")
+    return parser
+
+
+def flag_layer(args: argparse.Namespace) -> dict:
+    """CLI flags as a config layer; flags not given leave the recipe's values."""
+    mapping = {
+        "model_name": "model.name", "hf_tokenizer": "model.hf_tokenizer", "chat_template": "model.chat_template",
+        "data_path": "data.path", "algorithm": "ptq.algorithm", "kv_cache_qformat": "ptq.kv_cache_qformat",
+        "enable_kv_cache": "ptq.enable_kv_cache", "learning_rate": "train.lr", "experiment": "run.experiment",
+        "log_dir": "run.log_dir", "ptq_gpus": "run.ptq_gpus", "train_gpus": "run.train_gpus",
+        "train_nodes": "run.train_nodes", "tensor_parallelism": "run.tensor_parallelism",
+        "pipeline_parallelism": "run.pipeline_parallelism", "backend": "run.backend", "executor": "run.executor",
+        "device": "run.device",
+    }
+    layer: dict = {}
+    for attribute, dotted in mapping.items():
+        value = getattr(args, attribute)
+        if value is None:
+            continue
+        if attribute in ("model_name", "data_path", "chat_template", "hf_tokenizer", "log_dir"):
+            value = paths.absolutize(value)
+        section, key = dotted.split(".")
+        layer.setdefault(section, {})[key] = value
+    if args.distill:
+        layer.setdefault("train", {})["method"] = "qad"
+    if args.use_slurm:
+        layer.setdefault("run", {})["executor"] = "slurm"
+    return layer
+
+
+def pick_recipe(recipe: str, distill: bool | None) -> str:
+    """`smollm2_135m` -> `smollm2_135m_qad` with --distill, `smollm2_135m_qat` without, when those exist."""
+    if Path(recipe).suffix in (".yaml", ".yml") or (paths.recipes_dir() / f"{recipe}.yaml").is_file():
+        return recipe
+    method_recipe = f"{recipe}_{'qad' if distill else 'qat'}"
+    return method_recipe if (paths.recipes_dir() / f"{method_recipe}.yaml").is_file() else recipe
+
+
+def absolutize_paths(config: FlowConfig) -> None:
+    """Settings from recipes or --set may name relative paths too; jobs run elsewhere."""
+    config.run.log_dir = str(Path(config.run.log_dir).expanduser().resolve())
+    if config.model.chat_template:
+        config.model.chat_template = str(paths.resolve_chat_template(config.model.chat_template))
+    config.data.path = paths.absolutize(config.data.path)
+    config.model.name = paths.absolutize(config.model.name) or config.model.name
+
+
+def load_config(argv: list[str] | None = None) -> tuple[FlowConfig, argparse.Namespace]:
+    args = build_parser().parse_args(argv)
+    config = build_config(pick_recipe(args.recipe, args.distill), flag_layer(args), args.overrides)
+    absolutize_paths(config)
+    from qatflow.preflight import preflight
+
+    preflight(config)
+    return config, args
+
+
+def print_results(config: FlowConfig) -> None:
+    export_dir = config.experiment_dir / "04_export" / "checkpoint"
+    report = config.experiment_dir / "09_report" / "report.md"
+    print(f"\nNVFP4 checkpoint: {export_dir}" if export_dir.exists() else "")
+    print(f"report:           {report}" if report.exists() else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from qatflow import graph
+
+    started = time.time()
+    try:
+        config, args = load_config(argv)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    planned = graph.plan(config, force=args.force, from_stage=args.from_stage)
+    print(graph.describe(config, planned))
+    if args.dry_run:
+        return 0
+    todo = [stage.name for stage in planned if stage.status != "done"]
+    if not todo:
+        print("\nevery stage is complete for these settings: nothing to run (use --force or --from-stage to redo)")
+        print_results(config)
+        return 0
+    graph.forget(config, planned)
+    config.experiment_dir.mkdir(parents=True, exist_ok=True)
+    (config.experiment_dir / "config.yaml").write_text(config.to_yaml())
+    failed = graph.run_experiment(config, planned)
+    if failed:
+        print(f"\nstages without a complete result: {', '.join(failed)}", file=sys.stderr)
+        logs = graph.stage_logs(config)
+        if logs:
+            print(f"logs: {logs[0].parent}", file=sys.stderr)
+        return 1
+    print(f"\nflow complete in {time.time() - started:.0f} s")
+    print_results(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

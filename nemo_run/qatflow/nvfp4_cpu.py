@@ -1,0 +1,191 @@
+"""Pure-PyTorch NVFP4 fake quantization, so ModelOpt QAT forwards run on CPU.
+
+ModelOpt implements NVFP4 fake quantization (``tensor_quant.dynamic_block_quantize_op``)
+only as a Triton kernel and a CUDA extension and asserts ``amax.is_cuda``, so every
+quantized forward of an NVFP4 model fails on CPU although calibration works there.
+:func:`install` swaps that module attribute for a wrapper that sends non-CUDA NVFP4
+calls to :func:`fake_quant_nvfp4` and everything else to ModelOpt's original op.
+ModelOpt's autograd function around the op is untouched, so the backward pass stays
+its straight-through estimator.
+
+The arithmetic follows ModelOpt's Hopper Triton kernel
+(``modelopt/torch/quantization/triton/fp4_kernel_hopper.py``, the path QAT takes on
+H100/H200), which computes in float32 exactly like ``NVFP4QTensor.quantize`` followed
+by ``dequantize`` (``modelopt/torch/quantization/qtensor/nvfp4_tensor.py``):
+
+* global scale ``g = amax / (6 * 448)`` (``get_weights_scaling_factor_2``);
+* per 16-element block along the last dim, ``s = block_amax / (6 * g)`` clamped to
+  448 and rounded to float8_e4m3fn; the effective block scale is ``fp8(s) * g``;
+* ``|x| / (fp8(s) * g)`` is rounded half-to-even onto the E2M1 grid
+  {0, 0.5, 1, 1.5, 2, 3, 4, 6} (values above 6 saturate), then multiplied back.
+
+Both ModelOpt paths give the same result unless a block's effective scale is below
+1e-5 (block amax below about 6e-5, or a block scale that underflows float8): the
+Triton kernel then uses a scale of 1, which flushes such a block to zero, whereas
+``NVFP4QTensor`` keeps tiny blocks and divides by zero for underflowed ones. This
+module follows the kernel. A last dim that is not a multiple of the block size is
+zero-padded for the block amax, as both ModelOpt CUDA paths do.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["fake_quant_nvfp4", "install", "installed", "uninstall"]
+
+E2M1_MAX = 6.0  # largest FP4 (E2M1) magnitude
+E4M3_MAX = 448.0  # largest float8_e4m3fn magnitude
+# The Triton kernel replaces effective block scales below this by 1.0 (no 0-division).
+_MIN_BLOCK_SCALE = 1e-5
+# The Triton kernel's stand-in for a zero global scale inside the division.
+_ZERO_GLOBAL_SCALE = 1e-12
+
+_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# (num_bits, exponent_bits, scale_num_bits, scale_exponent_bits) as ModelOpt passes them.
+_NVFP4_FORMAT = (4, 2, 8, 4)
+
+_original_op: Callable[..., torch.Tensor] | None = None
+_lock = threading.Lock()
+
+
+def _round_to_e2m1(q: torch.Tensor) -> torch.Tensor:
+    """Round non-negative float32 magnitudes half-to-even onto the E2M1 grid.
+
+    E2M1 is a float format whose spacing is 0.5 on [0, 2), 1 on [2, 4) and 2 on [4, 6],
+    so rounding ``q / step`` to the nearest even integer (``torch.round``) is exact RNE;
+    dividing and multiplying by a power of two introduces no error.
+    """
+    step = torch.where(q < 2.0, 0.5, torch.where(q < 4.0, 1.0, 2.0))
+    return torch.clamp(torch.round(q / step) * step, max=E2M1_MAX)
+
+
+def fake_quant_nvfp4(
+    inputs: torch.Tensor, amax: torch.Tensor | None, block_size: int = 16
+) -> torch.Tensor:
+    """NVFP4 quantize-then-dequantize of ``inputs`` with ModelOpt's arithmetic.
+
+    Args:
+        inputs: float32, bfloat16 or float16 tensor of any shape; blocks run along the
+            last dim.
+        amax: per-tensor absolute maximum (the calibrated ``_amax``); a tensor with more
+            than one element is reduced to its maximum, as ModelOpt does. ``None`` uses
+            the input's own absolute maximum.
+        block_size: elements per block sharing one float8 scale (16 for NVFP4).
+
+    Returns:
+        A tensor of the input's shape and dtype. The function is forward-only: use it
+        through :func:`install` to get ModelOpt's straight-through gradient.
+    """
+    if inputs.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"NVFP4 fake quant supports {_SUPPORTED_DTYPES}, got {inputs.dtype}")
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    if inputs.dim() == 0 or inputs.numel() == 0:
+        raise ValueError(f"NVFP4 fake quant needs a non-empty tensor of rank >= 1, got {inputs.shape}")
+
+    shape, dtype = inputs.shape, inputs.dtype
+    cols = shape[-1]
+    x = inputs.reshape(-1, cols).float()
+    pad = (-cols) % block_size
+    if pad:
+        x = F.pad(x, (0, pad))  # zeros never raise a block's amax
+    x = x.reshape(x.shape[0], -1, block_size)
+    x_abs = x.abs()
+
+    if amax is None:
+        amax = x_abs.amax()
+    global_scale = (amax.detach().float().amax() / (E2M1_MAX * E4M3_MAX)).to(x.device)
+    global_scale_safe = torch.where(global_scale > 0.0, global_scale, _ZERO_GLOBAL_SCALE)
+
+    # Per-block scale relative to the global scale, stored as float8_e4m3fn. Clamping first
+    # keeps an activation above the calibrated amax from overflowing float8 into NaN.
+    block_amax = x_abs.amax(dim=-1, keepdim=True)
+    block_scale = torch.clamp(block_amax / (E2M1_MAX * global_scale_safe), max=E4M3_MAX)
+    scale = block_scale.to(torch.float8_e4m3fn).float() * global_scale
+    scale = torch.where(scale >= _MIN_BLOCK_SCALE, scale, 1.0)
+
+    deq = torch.copysign(_round_to_e2m1(x_abs / scale) * scale, x)
+    deq = deq.reshape(deq.shape[0], -1)
+    if pad:
+        deq = deq[:, :cols]
+    return deq.reshape(shape).to(dtype)
+
+
+def _format_name(
+    num_bits: int, exponent_bits: int, scale_num_bits: int, scale_exponent_bits: int
+) -> str:
+    """Human-readable block format, e.g. ``E2M1 values with E4M3 scales``."""
+
+    def name(bits: int, exp: int) -> str:
+        return f"INT{bits}" if exp == 0 else f"E{exp}M{bits - exp - 1}"
+
+    return (
+        f"{name(num_bits, exponent_bits)} values with {name(scale_num_bits, scale_exponent_bits)}"
+        f" scales (num_bits={num_bits}, exponent_bits={exponent_bits},"
+        f" scale_num_bits={scale_num_bits}, scale_exponent_bits={scale_exponent_bits})"
+    )
+
+
+def _dynamic_block_quantize_op(
+    inputs: torch.Tensor,
+    block_size: int,
+    amax: torch.Tensor | None,
+    num_bits: int,
+    exponent_bits: int,
+    scale_num_bits: int,
+    scale_exponent_bits: int,
+) -> torch.Tensor:
+    """Drop-in for ``tensor_quant.dynamic_block_quantize_op`` that also runs NVFP4 off CUDA."""
+    if inputs.is_cuda:
+        assert _original_op is not None
+        return _original_op(
+            inputs, block_size, amax, num_bits, exponent_bits, scale_num_bits, scale_exponent_bits
+        )
+    fmt = (num_bits, exponent_bits, scale_num_bits, scale_exponent_bits)
+    if fmt != _NVFP4_FORMAT:
+        raise NotImplementedError(
+            f"Dynamic block quantization on {inputs.device.type} is implemented for NVFP4 only"
+            f" (E2M1 values with E4M3 scales); got {_format_name(*fmt)}."
+        )
+    return fake_quant_nvfp4(inputs, amax, block_size)
+
+
+def _tensor_quant() -> Any:
+    from modelopt.torch.quantization import tensor_quant
+
+    return tensor_quant
+
+
+def install() -> None:
+    """Route ModelOpt's non-CUDA NVFP4 fake quantization to :func:`fake_quant_nvfp4`.
+
+    Idempotent. ``_dynamic_block_quantize_forward`` reads the module attribute at call
+    time, so models quantized before or after this call both pick it up.
+    """
+    global _original_op
+    with _lock:
+        tq = _tensor_quant()
+        if tq.dynamic_block_quantize_op is _dynamic_block_quantize_op:
+            return
+        _original_op = tq.dynamic_block_quantize_op
+        tq.dynamic_block_quantize_op = _dynamic_block_quantize_op
+
+
+def installed() -> bool:
+    """Whether :func:`install` is in effect."""
+    return _tensor_quant().dynamic_block_quantize_op is _dynamic_block_quantize_op
+
+
+def uninstall() -> None:
+    """Restore ModelOpt's original op (a no-op when not installed)."""
+    global _original_op
+    with _lock:
+        tq = _tensor_quant()
+        if tq.dynamic_block_quantize_op is _dynamic_block_quantize_op and _original_op is not None:
+            tq.dynamic_block_quantize_op = _original_op
+        _original_op = None

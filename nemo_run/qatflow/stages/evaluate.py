@@ -1,0 +1,30 @@
+"""06_eval_bf16, 07_eval_ptq, 08_eval_trained: one harness scores each model against the full-precision one."""
+
+from __future__ import annotations
+
+from qatflow.backends import get_backend
+from qatflow.evaluation import score
+from qatflow.stages.runner import StageContext
+from qatflow.tokens import read_split, tokenize_split
+
+# Evaluation stage -> the stage whose model it scores.
+MODEL_STAGE = {"06_eval_bf16": "01_import", "07_eval_ptq": "02_ptq", "08_eval_trained": "03_train"}
+
+
+def run(ctx: StageContext) -> dict:
+    config = ctx.config
+    backend = get_backend(config.run.backend)
+    device = backend.device_of(config)
+    model_stage = MODEL_STAGE[ctx.stage]
+    model, tokenizer = backend.load_model(ctx.inputs[model_stage], config, device)
+    reference = None
+    if model_stage != "01_import":
+        reference, _ = backend.load_model(ctx.inputs["01_import"], config, device)
+    records = read_split(ctx.inputs["00_data"], "validation", config.eval.num_samples)
+    items = tokenize_split(tokenizer, records, config.eval.seq_len, "validation")
+    ctx.log(f"scoring {model_stage} on {len(items)} held-out conversations on {device}")
+    metrics = score(model, items, config.eval.batch_size, tokenizer.pad_token_id, device,
+                    backend.compute_dtype(config, device), reference=reference, log=ctx.log)
+    ctx.log(f"ppl assistant {metrics['ppl_assistant']:.3f} all {metrics['ppl_all']:.3f} "
+            f"KL assistant {metrics['kl_assistant']:.4f} all {metrics['kl_all']:.4f}")
+    return {"model_stage": model_stage, **metrics}

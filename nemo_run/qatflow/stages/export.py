@@ -1,0 +1,8 @@
+"""04_export: the trained student as a unified Hugging Face checkpoint (hf_quant_config.json)."""
+
+from qatflow.backends import get_backend
+from qatflow.stages.runner import StageContext
+
+
+def run(ctx: StageContext) -> dict:
+    return get_backend(ctx.config.run.backend).export(ctx)

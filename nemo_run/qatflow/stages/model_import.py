@@ -1,0 +1,8 @@
+"""01_import: a HF hub id, local folder or GGUF file -> the backend's checkpoint."""
+
+from qatflow.backends import get_backend
+from qatflow.stages.runner import StageContext
+
+
+def run(ctx: StageContext) -> dict:
+    return get_backend(ctx.config.run.backend).import_model(ctx)

@@ -1,0 +1,8 @@
+"""02_ptq: post-training quantization with ModelOpt, calibrated on training conversations."""
+
+from qatflow.backends import get_backend
+from qatflow.stages.runner import StageContext
+
+
+def run(ctx: StageContext) -> dict:
+    return get_backend(ctx.config.run.backend).quantize(ctx)

@@ -1,0 +1,147 @@
+"""09_report: report.md with BF16 / PTQ / trained side by side, the export's fidelity, plots and serve commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from qatflow.manifest import read_manifest
+from qatflow.stages.runner import StageContext
+
+ROWS = (("06_eval_bf16", "BF16 / full precision"), ("07_eval_ptq", "PTQ"), ("08_eval_trained", "trained"))
+
+
+def gap_closed(full: float, ptq: float, trained: float) -> float | None:
+    """Share of the PTQ gap that training closed (1.0 = back to full precision)."""
+    return (ptq - trained) / (ptq - full) if abs(ptq - full) > 1e-12 else None
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.0f}%"
+
+
+def _plot_loss(history: list[dict], path: Path, method: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in history]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("loss", "total loss"), ("kd", "KL to teacher"), ("ce", "cross-entropy")):
+        if any(key in r for r in history) and not (key == "loss" and method == "qat"):
+            ax.plot(steps, [r.get(key) for r in history], label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("nats / assistant token")
+    ax.set_title(f"{method.upper()} training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_comparison(rows: list[tuple[str, dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [name for name, _ in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+    panels = ((axes[0], "ppl", "perplexity (lower is better)"), (axes[1], "kl", "KL to full precision (nats/token)"))
+    for ax, key, title in panels:
+        width = 0.38
+        for offset, scope in ((-width / 2, "assistant"), (width / 2, "all")):
+            values = [metrics[f"{key}_{scope}"] for _, metrics in rows]
+            bars = ax.bar([i + offset for i in range(len(rows))], values, width, label=f"{scope} tokens")
+            ax.bar_label(bars, fmt="%.3g", fontsize=8)
+        ax.set_xticks(range(len(rows)), names, fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(ctx: StageContext) -> dict:
+    config = ctx.config
+    method = config.train.method.upper()
+    experiment = config.experiment_dir
+    rows: list[tuple[str, dict]] = []
+    for stage, label in ROWS:
+        metrics = (read_manifest(ctx.inputs[stage]) or {}).get("metrics", {})
+        if stage == "07_eval_ptq":
+            label = f"{config.ptq.algorithm.upper()} PTQ"
+        if stage == "08_eval_trained":
+            label = f"{config.ptq.algorithm.upper()} {method}"
+        rows.append((label, metrics))
+    full, ptq, trained = (metrics for _, metrics in rows)
+    verify = (read_manifest(ctx.inputs["05_verify"]) or {}).get("metrics", {})
+    history = [json.loads(line) for line in (ctx.inputs["03_train"] / "train_log.jsonl").read_text().splitlines()
+               if line.strip()]
+    _plot_loss(history, ctx.out_dir / "loss.png", config.train.method)
+    _plot_comparison(rows, ctx.out_dir / "comparison.png")
+    export_dir = experiment / "04_export" / "checkpoint"
+    recovery = {
+        "ppl_gap_closed_assistant": gap_closed(full["ppl_assistant"], ptq["ppl_assistant"], trained["ppl_assistant"]),
+        "ppl_gap_closed_all": gap_closed(full["ppl_all"], ptq["ppl_all"], trained["ppl_all"]),
+        "kl_gap_closed_assistant": gap_closed(0.0, ptq["kl_assistant"], trained["kl_assistant"]),
+    }
+    lines = [
+        f"# qatflow report: {config.run.experiment}",
+        "",
+        f"- model: `{config.model.name}` (recipe `{config.recipe}`, backend {config.run.backend})",
+        f"- method: {method} ({'distillation from the full-precision teacher' if method == 'QAD' else 'cross-entropy'}), "
+        f"{config.train.steps} steps of {config.train.global_batch_size} conversations, lr {config.train.lr:g}",
+        f"- quantization: {config.ptq.algorithm}, calibrated on {config.ptq.calib_samples} training conversations",
+        f"- evaluation: {full.get('conversations')} held-out conversations, {full.get('tokens_assistant')} assistant "
+        f"tokens of {full.get('tokens_all')}",
+        "",
+        "| model | ppl (assistant) | ppl (all tokens) | KL to full precision (assistant) | KL (all tokens) |",
+        "|---|---|---|---|---|",
+    ]
+    for label, metrics in rows:
+        lines.append(f"| {label} | {metrics['ppl_assistant']:.3f} | {metrics['ppl_all']:.3f} | "
+                     f"{metrics['kl_assistant']:.4f} | {metrics['kl_all']:.4f} |")
+    lines += [
+        "",
+        f"{method} closed {_percent(recovery['ppl_gap_closed_assistant'])} of the PTQ perplexity gap on assistant "
+        f"tokens ({_percent(recovery['ppl_gap_closed_all'])} on all tokens) and "
+        f"{_percent(recovery['kl_gap_closed_assistant'])} of its KL.",
+        "",
+        "![training loss](loss.png)",
+        "",
+        "![BF16, PTQ and trained side by side](comparison.png)",
+        "",
+        "## Exported checkpoint",
+        "",
+        f"`{export_dir}`",
+        "",
+    ]
+    if verify.get("verified"):
+        lines += [
+            f"Reloaded from disk and dequantized with ModelOpt ({verify['quantized_layers']} NVFP4 layers), then "
+            f"compared with the trained student on the same held-out conversations:",
+            "",
+            "| | KL(student ‖ export) assistant | KL all tokens | export ppl (assistant) | export ppl (all) |",
+            "|---|---|---|---|---|",
+            f"| export | {verify['kl_assistant']:.2e} | {verify['kl_all']:.2e} | {verify['ppl_assistant']:.3f} | "
+            f"{verify['ppl_all']:.3f} |",
+        ]
+    else:
+        lines.append(f"Not reloaded: {verify.get('reason', 'verify did not run')}.")
+    lines += [
+        "",
+        "## Serving it",
+        "",
+        "```bash",
+        f"trtllm-serve {export_dir}          # TensorRT-LLM reads hf_quant_config.json",
+        f"vllm serve {export_dir} --quantization modelopt_fp4",
+        "```",
+        "",
+    ]
+    (ctx.out_dir / "report.md").write_text("\n".join(lines))
+    ctx.log(f"report: {ctx.final_dir / 'report.md'}")
+    return {"rows": {label: metrics for label, metrics in rows}, "recovery": recovery,
+            "export_kl_assistant": verify.get("kl_assistant"), "export_dir": str(export_dir)}

@@ -1,0 +1,64 @@
+"""Runs one stage inside a nemo_run job: skip if done, check inputs, write outputs atomically."""
+
+from __future__ import annotations
+
+import importlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qatflow.config import FlowConfig
+from qatflow.manifest import StageOutput, is_complete, read_manifest
+from qatflow.stages import BY_NAME, fingerprints
+
+
+class StageInputError(RuntimeError):
+    """An upstream stage has no complete result."""
+
+
+@dataclass
+class StageContext:
+    """What a stage's `run` receives."""
+
+    config: FlowConfig
+    stage: str
+    out_dir: Path  # the partial folder; renamed to final_dir on success
+    final_dir: Path
+    work_dir: Path  # survives a killed run: resumable state
+    inputs: dict[str, Path]  # upstream stage name -> its complete folder
+    started: float = field(default_factory=time.time)
+
+    def input_manifest(self, stage: str) -> dict:
+        return read_manifest(self.inputs[stage]) or {}
+
+    def log(self, message: str) -> None:
+        elapsed = time.time() - self.started
+        print(f"[{self.stage} {elapsed:7.1f}s] {message}", flush=True)
+
+
+def run_stage(stage: str, config_yaml: str) -> None:
+    """The function each nemo_run task calls."""
+    config = FlowConfig.from_yaml(config_yaml)
+    spec = BY_NAME[stage]
+    prints = fingerprints(config)
+    output = StageOutput(config.experiment_dir, stage, prints[stage])
+    if output.is_complete():
+        print(f"[{stage}] complete with matching settings: skipped ({output.final_dir})", flush=True)
+        return
+    inputs: dict[str, Path] = {}
+    for dep in spec.depends:
+        dep_dir = config.experiment_dir / dep
+        if not is_complete(dep_dir, prints[dep]):
+            raise StageInputError(f"{stage} needs {dep}, which has no complete result for these settings "
+                                  f"in {dep_dir}: run the flow again without --from-stage, or fix {dep} first")
+        inputs[dep] = dep_dir
+    partial = output.begin()
+    ctx = StageContext(config=config, stage=stage, out_dir=partial, final_dir=output.final_dir,
+                       work_dir=output.work_dir, inputs=inputs)
+    ctx.log(f"starting: {spec.summary}")
+    module = importlib.import_module(f"qatflow.stages.{spec.module}")
+    metrics: dict[str, Any] = module.run(ctx) or {}
+    input_record = {dep: {"path": str(path), "fingerprint": prints[dep]} for dep, path in inputs.items()}
+    final = output.commit(input_record, metrics, config.section_hash(*spec.sections) if spec.sections else "")
+    ctx.log(f"done -> {final}")

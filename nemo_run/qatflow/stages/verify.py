@@ -1,0 +1,32 @@
+"""05_verify: reload the exported checkpoint as a deployment would compute it and compare with the student."""
+
+from __future__ import annotations
+
+from qatflow.backends import get_backend
+from qatflow.evaluation import score
+from qatflow.export_reload import load_exported_model, read_quant_config
+from qatflow.stages.runner import StageContext
+from qatflow.tokens import read_split, tokenize_split
+
+CHECKPOINT_SUBDIR = "checkpoint"
+
+
+def run(ctx: StageContext) -> dict:
+    config = ctx.config
+    backend = get_backend(config.run.backend)
+    device = backend.device_of(config)
+    export_dir = ctx.inputs["04_export"] / CHECKPOINT_SUBDIR
+    quant = read_quant_config(export_dir)
+    if quant.get("quant_algo") != "NVFP4":
+        ctx.log(f"quant_algo {quant.get('quant_algo')}: this version reloads NVFP4 exports only; not compared")
+        return {"verified": False, "reason": f"quant_algo {quant.get('quant_algo')} is not reloaded"}
+    exported, info = load_exported_model(export_dir, device)
+    student, tokenizer = backend.load_model(ctx.inputs["03_train"], config, device)
+    records = read_split(ctx.inputs["00_data"], "validation", config.eval.num_samples)
+    items = tokenize_split(tokenizer, records, config.eval.seq_len, "validation")
+    ctx.log(f"reloaded {info['quantized_layers']} NVFP4 layers; scoring against the trained student")
+    metrics = score(exported, items, config.eval.batch_size, tokenizer.pad_token_id, device,
+                    backend.compute_dtype(config, device), reference=student, log=ctx.log)
+    ctx.log(f"export vs student: KL assistant {metrics['kl_assistant']:.2e} all {metrics['kl_all']:.2e} nats/token; "
+            f"export ppl assistant {metrics['ppl_assistant']:.3f}")
+    return {"verified": True, "export_dir": str(export_dir), **info, **metrics}

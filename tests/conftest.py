@@ -1,0 +1,47 @@
+"""Shared fixtures: a tiny real Llama with a locally built tokenizer, and a recipe that runs it in seconds."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ENTRY = REPO / "nemo_run" / "nemo_qat_flow.py"
+sys.path.insert(0, str(REPO / "nemo_run"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+TINY_RECIPE = """\
+inherit: smollm2_135m_qad
+model: {{name: {model}, dtype: float32}}
+data: {{num_train: 64, num_validation: 16}}
+ptq: {{calib_samples: 8, calib_seq_len: 128, calib_batch_size: 4}}
+train: {{steps: 6, global_batch_size: 4, micro_batch_size: 2, seq_len: 128, checkpoint_every: 2, lr: 1.0e-3}}
+eval: {{num_samples: 16, seq_len: 128, batch_size: 8}}
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from tiny_assets import build_tiny_llama, build_tiny_tokenizer
+
+    target = tmp_path_factory.mktemp("tiny_llama")
+    build_tiny_llama(target, build_tiny_tokenizer())
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_recipe(tiny_model, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("recipes") / "tiny_qad.yaml"
+    path.write_text(TINY_RECIPE.format(model=tiny_model))
+    return path
+
+
+def run_flow(*args: str, cwd: Path = REPO, timeout: int = 900, entry: Path = ENTRY) -> subprocess.CompletedProcess:
+    """The entry script as a user runs it, in a fresh process."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, str(entry), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)

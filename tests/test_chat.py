@@ -1,0 +1,146 @@
+"""qatflow.chat: assistant-only loss masks on a real (tiny, locally trained) ChatML tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from qatflow.chat import (
+    ChatTemplateError,
+    TokenizedConversation,
+    apply_template_override,
+    check_mask_share,
+    mask_statistics,
+    tokenize_conversation,
+)
+from tiny_assets import CHATML_GENERATION_TEMPLATE, CHATML_TEMPLATE, build_tiny_llama, build_tiny_tokenizer, \
+    tiny_conversations
+
+TOOL_CONVERSATION = [
+    {"role": "system", "content": "You answer with tools."},
+    {"role": "user", "content": "What is 2 + 3?"},
+    {"role": "assistant", "content": "Let me add them."},
+    {"role": "tool", "content": "5"},
+    {"role": "assistant", "content": "It is 5."},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tiny_tokenizer")
+    build_tiny_tokenizer(path)
+    return path
+
+
+@pytest.fixture
+def tokenizer(tokenizer_dir: Path) -> PreTrainedTokenizerFast:
+    # A fresh copy per test, so template changes do not leak.
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+
+def _conversations() -> list[list[dict]]:
+    return [record["messages"] for record in tiny_conversations(20, seed=3)] + [TOOL_CONVERSATION]
+
+
+def _supervised_runs(tokenizer, item: TokenizedConversation) -> list[str]:
+    runs, current = [], []
+    for token, bit in zip(item.input_ids, item.loss_mask):
+        if bit:
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    return [tokenizer.decode(run) for run in runs]
+
+
+def test_prefix_mask_is_exactly_assistant_replies(tokenizer) -> None:
+    assert tokenizer.chat_template == CHATML_TEMPLATE
+    for messages in _conversations():
+        item = tokenize_conversation(tokenizer, messages, max_len=100_000)
+        assert len(item.input_ids) == len(item.loss_mask)
+        expected = [m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant"]
+        assert _supervised_runs(tokenizer, item) == expected
+        unsupervised = tokenizer.decode([t for t, bit in zip(item.input_ids, item.loss_mask) if not bit])
+        assert "You are a helpful AI assistant" in unsupervised or messages[0]["role"] == "system"
+        for message in messages:
+            if message["role"] != "assistant":
+                assert message["content"] in unsupervised
+
+
+def test_generation_tags_give_same_mask(tokenizer) -> None:
+    reference = [tokenize_conversation(tokenizer, messages, max_len=100_000) for messages in _conversations()]
+    tokenizer.chat_template = CHATML_GENERATION_TEMPLATE
+    # Both templates render the same text; only the way the assistant spans are found differs.
+    for messages, expected in zip(_conversations(), reference):
+        assert tokenize_conversation(tokenizer, messages, max_len=100_000) == expected
+
+
+def test_inconsistent_template_raises(tokenizer) -> None:
+    # The header counts the messages, so a prefix never renders as the start of the full conversation.
+    tokenizer.chat_template = (
+        "{{ '<|im_start|>system\\n' + (messages|length|string) + ' messages<|im_end|>\\n' }}"
+        "{% for message in messages %}"
+        "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n'}}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    with pytest.raises(ChatTemplateError, match="does not render prefixes consistently") as error:
+        tokenize_conversation(tokenizer, TOOL_CONVERSATION, max_len=100_000)
+    assert "{% generation %}" in str(error.value) and "chat_templates" in str(error.value)
+
+
+def test_missing_template_raises(tokenizer) -> None:
+    tokenizer.chat_template = None
+    with pytest.raises(ChatTemplateError, match="has no chat template"):
+        tokenize_conversation(tokenizer, TOOL_CONVERSATION, max_len=100_000)
+
+
+def test_leading_assistant_turn_is_not_supervised(tokenizer) -> None:
+    messages = [{"role": "assistant", "content": "Welcome!"}] + TOOL_CONVERSATION[1:]
+    item = tokenize_conversation(tokenizer, messages, max_len=100_000)
+    assert _supervised_runs(tokenizer, item) == ["Let me add them.<|im_end|>", "It is 5.<|im_end|>"]
+
+
+def test_truncation(tokenizer) -> None:
+    full = tokenize_conversation(tokenizer, TOOL_CONVERSATION, max_len=100_000)
+    short = tokenize_conversation(tokenizer, TOOL_CONVERSATION, max_len=10)
+    assert short.input_ids == full.input_ids[:10] and short.loss_mask == full.loss_mask[:10]
+
+
+def test_mask_share_checks(tokenizer) -> None:
+    items = [tokenize_conversation(tokenizer, messages, max_len=100_000) for messages in _conversations()]
+    stats = mask_statistics(items)
+    assert stats["tokens"] == sum(len(i.input_ids) for i in items)
+    assert stats["supervised_tokens"] == sum(sum(i.loss_mask) for i in items)
+    assert 0.0 < stats["supervised_share"] < 1.0
+    check_mask_share(stats, "training")
+
+    # Truncated before the first reply: nothing is supervised.
+    cut = [tokenize_conversation(tokenizer, TOOL_CONVERSATION, max_len=8)]
+    with pytest.raises(ChatTemplateError, match="validation: no token is supervised"):
+        check_mask_share(mask_statistics(cut), "validation")
+    everything = [TokenizedConversation(input_ids=[5, 6, 7], loss_mask=[1, 1, 1])]
+    with pytest.raises(ChatTemplateError, match="training: every token is supervised"):
+        check_mask_share(mask_statistics(everything), "training")
+
+
+def test_apply_template_override(tokenizer, tmp_path: Path) -> None:
+    apply_template_override(tokenizer, None)
+    assert tokenizer.chat_template == CHATML_TEMPLATE
+    template = tmp_path / "tagged.jinja"
+    template.write_text(CHATML_GENERATION_TEMPLATE)
+    assert apply_template_override(tokenizer, str(template)) is tokenizer
+    assert tokenizer.chat_template == CHATML_GENERATION_TEMPLATE
+
+
+def test_tiny_llama_runs_on_tokenized_chat(tokenizer, tmp_path: Path) -> None:
+    model_dir = build_tiny_llama(tmp_path / "llama", tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    assert model.dtype == torch.float32 and model.config.architectures == ["LlamaForCausalLM"]
+    item = tokenize_conversation(AutoTokenizer.from_pretrained(str(model_dir)), TOOL_CONVERSATION, max_len=64)
+    logits = model(torch.tensor([item.input_ids])).logits
+    assert logits.shape == (1, len(item.input_ids), len(tokenizer))
