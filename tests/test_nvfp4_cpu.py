@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import copy
 
+import modelopt.torch.quantization as mtq
 import pytest
 import torch
 import torch.nn.functional as F
-
-import modelopt.torch.quantization as mtq
 from modelopt.torch.quantization import tensor_quant
 from modelopt.torch.quantization.qtensor import nvfp4_tensor
 from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
-
 from qatflow import nvfp4_cpu
 from qatflow.nvfp4_cpu import fake_quant_nvfp4
 
@@ -44,8 +42,12 @@ def nvfp4_installed():
 
 
 def modelopt_reference(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
-    """ModelOpt's own NVFP4 quantize -> dequantize with the per-tensor scale from ``amax``."""
-    wsf2 = amax.float() / (6.0 * 448.0)  # == NVFP4QTensor.get_weights_scaling_factor_2
+    """ModelOpt's own NVFP4 quantize -> dequantize with the per-tensor scale from ``amax``.
+
+    The per-tensor scale is ``amax / (6 * 448)`` evaluated as ModelOpt's CUDA path does it
+    (PyTorch on CUDA multiplies by the float32 reciprocal of a Python-scalar divisor).
+    """
+    wsf2 = amax.float() * (torch.tensor(1.0) / (6.0 * 448.0)).to(amax.device)
     qtensor, scale, scale_2 = NVFP4QTensor.quantize(x, BLOCK, weights_scaling_factor_2=wsf2)
     return qtensor.dequantize(
         dtype=x.dtype, scale=scale, double_scale=scale_2, block_sizes={-1: BLOCK}
@@ -158,6 +160,15 @@ def test_amax_with_several_elements_uses_its_maximum():
     assert torch.equal(fake_quant_nvfp4(x, per_row), fake_quant_nvfp4(x, per_row.max()))
 
 
+def test_input_untouched_and_layout_independent():
+    x = make_input((32, 48), "normal", seed=6).t()  # non-contiguous, last dim 32
+    before = x.clone()
+    amax = x.abs().amax()
+    out = fake_quant_nvfp4(x, amax)
+    assert torch.equal(x, before)
+    assert torch.equal(out, fake_quant_nvfp4(x.contiguous(), amax))
+
+
 def test_rejects_unsupported_dtype():
     with pytest.raises(TypeError, match="NVFP4"):
         fake_quant_nvfp4(torch.ones(16, dtype=torch.float64), torch.tensor(1.0))
@@ -191,9 +202,7 @@ def test_other_formats_on_cpu_raise_not_implemented(nvfp4_installed, args, name)
 
 def _two_linear_model() -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(
-        torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 32)
-    )
+    return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 32))
 
 
 def test_mtq_nvfp4_qat_runs_on_cpu(nvfp4_installed):

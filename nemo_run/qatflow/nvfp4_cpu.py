@@ -8,23 +8,25 @@ calls to :func:`fake_quant_nvfp4` and everything else to ModelOpt's original op.
 ModelOpt's autograd function around the op is untouched, so the backward pass stays
 its straight-through estimator.
 
-The arithmetic follows ModelOpt's Hopper Triton kernel
-(``modelopt/torch/quantization/triton/fp4_kernel_hopper.py``, the path QAT takes on
-H100/H200), which computes in float32 exactly like ``NVFP4QTensor.quantize`` followed
-by ``dequantize`` (``modelopt/torch/quantization/qtensor/nvfp4_tensor.py``):
+The arithmetic is ModelOpt's, in IEEE float32, step for step as in
+``NVFP4QTensor.quantize`` + ``dequantize`` (``qtensor/nvfp4_tensor.py``) and the Hopper
+Triton kernel that QAT runs on H100/H200 (``triton/fp4_kernel_hopper.py``):
 
-* global scale ``g = amax / (6 * 448)`` (``get_weights_scaling_factor_2``);
+* global scale ``g = amax / (6 * 448)`` (``get_weights_scaling_factor_2``), evaluated
+  as on the GPU (multiplication by the float32 reciprocal);
 * per 16-element block along the last dim, ``s = block_amax / (6 * g)`` clamped to
   448 and rounded to float8_e4m3fn; the effective block scale is ``fp8(s) * g``;
 * ``|x| / (fp8(s) * g)`` is rounded half-to-even onto the E2M1 grid
   {0, 0.5, 1, 1.5, 2, 3, 4, 6} (values above 6 saturate), then multiplied back.
 
-Both ModelOpt paths give the same result unless a block's effective scale is below
-1e-5 (block amax below about 6e-5, or a block scale that underflows float8): the
-Triton kernel then uses a scale of 1, which flushes such a block to zero, whereas
-``NVFP4QTensor`` keeps tiny blocks and divides by zero for underflowed ones. This
-module follows the kernel. A last dim that is not a multiple of the block size is
-zero-padded for the block amax, as both ModelOpt CUDA paths do.
+Where the two ModelOpt paths differ this module follows the kernel: a block whose
+effective scale is below 1e-5 (block amax below about 6e-5, or a block scale that
+underflows float8) gets scale 1 and so quantizes to zero, where ``NVFP4QTensor`` keeps
+it (or divides by zero once its float8 scale underflows); a last dim that is not a
+multiple of the block size is zero-padded.
+The results are the same on CPU and CUDA tensors. The Triton kernel's fp32 division is
+approximate, so at exact rounding ties it can land one FP4 step away from this (and
+from ``NVFP4QTensor``): on an H100 about 4e-4 of bf16 and 4e-7 of fp32 elements.
 """
 
 from __future__ import annotations
@@ -86,7 +88,9 @@ def fake_quant_nvfp4(
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
     if inputs.dim() == 0 or inputs.numel() == 0:
-        raise ValueError(f"NVFP4 fake quant needs a non-empty tensor of rank >= 1, got {inputs.shape}")
+        raise ValueError(
+            f"NVFP4 fake quant needs a non-empty tensor of rank >= 1, got {inputs.shape}"
+        )
 
     shape, dtype = inputs.shape, inputs.dtype
     cols = shape[-1]
@@ -99,7 +103,11 @@ def fake_quant_nvfp4(
 
     if amax is None:
         amax = x_abs.amax()
-    global_scale = (amax.detach().float().amax() / (E2M1_MAX * E4M3_MAX)).to(x.device)
+    # ModelOpt computes ``amax / (6 * 448)`` on the GPU, where PyTorch divides a tensor by a
+    # Python scalar by multiplying with its float32 reciprocal; doing the same here keeps
+    # the result bit-identical to the CUDA path on every device.
+    inv = torch.tensor(1.0, dtype=torch.float32) / (E2M1_MAX * E4M3_MAX)
+    global_scale = amax.detach().float().amax().to(x.device) * inv.to(x.device)
     global_scale_safe = torch.where(global_scale > 0.0, global_scale, _ZERO_GLOBAL_SCALE)
 
     # Per-block scale relative to the global scale, stored as float8_e4m3fn. Clamping first
@@ -161,6 +169,22 @@ def _tensor_quant() -> Any:
     return tensor_quant
 
 
+def _export_needs_no_gpu() -> None:
+    """ModelOpt's NVFP4 weight packing (used by the unified export) first asks whether a Blackwell GPU can take
+    a TensorRT-LLM shortcut, and that question raises on a torch built without CUDA: answer it as False there."""
+    import torch
+    from modelopt.torch.quantization.qtensor import nvfp4_tensor
+
+    if torch.cuda.is_available() or getattr(nvfp4_tensor.fp4_compatible, "_qatflow_cpu", False):
+        return
+
+    def fp4_compatible() -> bool:
+        return False
+
+    fp4_compatible._qatflow_cpu = True  # type: ignore[attr-defined]
+    nvfp4_tensor.fp4_compatible = fp4_compatible
+
+
 def install() -> None:
     """Route ModelOpt's non-CUDA NVFP4 fake quantization to :func:`fake_quant_nvfp4`.
 
@@ -168,6 +192,7 @@ def install() -> None:
     time, so models quantized before or after this call both pick it up.
     """
     global _original_op
+    _export_needs_no_gpu()
     with _lock:
         tq = _tensor_quant()
         if tq.dynamic_block_quantize_op is _dynamic_block_quantize_op:

@@ -1,0 +1,46 @@
+"""The embedded default end to end, exactly as the README runs it: SmolLM2-135M-Instruct (GGUF) on chitchat."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from conftest import run_flow
+
+from qatflow.stages import STAGE_NAMES
+
+
+@pytest.mark.slow
+def test_embedded_default_qad(tmp_path):
+    started = time.time()
+    result = run_flow("--distill", "--log-dir", str(tmp_path), timeout=1500)
+    elapsed = time.time() - started
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    experiment = tmp_path / "qat_flow_ckpts"
+    checkpoint = experiment / "04_export" / "checkpoint"
+    quant = json.loads((checkpoint / "hf_quant_config.json").read_text())["quantization"]
+    assert quant["quant_algo"] == "NVFP4" and "lm_head" in quant["exclude_modules"]
+    assert sum(p.stat().st_size for p in checkpoint.glob("*.safetensors")) > 50e6
+    tokenizer_config = json.loads((checkpoint / "tokenizer_config.json").read_text())
+    assert tokenizer_config["eos_token"] == "<|im_end|>"  # fixed on import from the GGUF
+    assert not (experiment / "01_import" / "model" / "tokenizer.model").exists()  # no 98 MB GGUF copy
+
+    metrics = {stage: json.loads((experiment / stage / "manifest.json").read_text())["metrics"]
+               for stage in STAGE_NAMES}
+    full, ptq, qad = metrics["06_eval_bf16"], metrics["07_eval_ptq"], metrics["08_eval_trained"]
+    # A real model: NVFP4 costs perplexity, and QAD moves the student back toward the teacher.
+    assert ptq["ppl_assistant"] > full["ppl_assistant"] and ptq["kl_assistant"] > 0.05
+    assert qad["kl_assistant"] < ptq["kl_assistant"]
+    assert metrics["05_verify"]["verified"] and metrics["05_verify"]["quantized_layers"] == 210
+    assert metrics["05_verify"]["kl_assistant"] < 0.05  # the bf16 export is close to the fp32-master student
+    report = (experiment / "09_report" / "report.md").read_text()
+    for row in ("| BF16 / full precision |", "| NVFP4 PTQ |", "| NVFP4 QAD |", "KL(student ‖ export)"):
+        assert row in report
+    assert f"report:           {experiment / '09_report' / 'report.md'}" in result.stdout
+    print(f"embedded default QAD flow: {elapsed:.0f} s")
+
+    again_started = time.time()
+    again = run_flow("--distill", "--log-dir", str(tmp_path))
+    assert again.returncode == 0 and "every stage is complete" in again.stdout
+    assert time.time() - again_started < 30
