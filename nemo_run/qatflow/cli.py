@@ -144,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     failed = graph.run_experiment(config, planned)
     if failed:
         print(f"\nstages without a complete result: {', '.join(failed)}", file=sys.stderr)
-        logs = graph.stage_logs(config)
-        if logs:
-            print(f"logs: {logs[0].parent}", file=sys.stderr)
+        for stage in failed:
+            log = graph.stage_log(config, stage)
+            print(f"  {stage}: {log if log else 'did not start'}", file=sys.stderr)
+        print("fix the first one and run the same command again: complete stages are kept", file=sys.stderr)
         return 1
     print(f"\nflow complete in {time.time() - started:.0f} s")
     print_results(config)

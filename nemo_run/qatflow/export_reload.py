@@ -2,8 +2,8 @@
 
 transformers cannot load ModelOpt's NVFP4 format, and ModelOpt has no whole-checkpoint dequantizer, only
 `NVFP4QTensor.dequantize` per tensor. So: build the architecture from config.json, dequantize each quantized
-weight with ModelOpt, and fake-quantize each quantized layer's input with the exported `input_scale`, through
-ModelOpt's own NVFP4 op.
+weight with ModelOpt, and fake-quantize each quantized layer's input with the exported `input_scale` as its
+global scale, as a deployment does.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ from pathlib import Path
 
 import torch
 
-FP4_MAX = 6.0
-FP8_MAX = 448.0
 BLOCK_SIZE = 16
 
 
@@ -40,25 +38,13 @@ def _load_state(export_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def amax_for_scale(scale: torch.Tensor) -> torch.Tensor:
-    """An amax whose global scale amax/(6*448), as ModelOpt computes it, is exactly `scale`: a product that
-    rounds off by one ulp changes the quantized activations."""
-    target = scale.float().reshape(())
-    guess = target * (FP4_MAX * FP8_MAX)
-    for candidate in (guess, torch.nextafter(guess, guess + 1), torch.nextafter(guess, guess - 1)):
-        if torch.equal(candidate / (FP4_MAX * FP8_MAX), target):
-            return candidate
-    return guess
-
-
-def _input_fake_quant_hook(amax: torch.Tensor):
-    from modelopt.torch.quantization import tensor_quant
+def _input_fake_quant_hook(input_scale: torch.Tensor):
+    from qatflow.nvfp4_cpu import fake_quant_nvfp4
 
     def hook(module, args):
         (x, *rest) = args
-        # NVFP4: 4 bits E2M1, FP8 E4M3 block scales (8 bits, 4 exponent), blocks of 16.
-        quantized = tensor_quant.dynamic_block_quantize_op(x, BLOCK_SIZE, amax.to(x.device), 4, 2, 8, 4)
-        return (quantized, *rest)
+        # The exported input_scale is the global scale a deployment uses: apply it as it is.
+        return (fake_quant_nvfp4(x, None, BLOCK_SIZE, global_scale=input_scale.to(x.device)), *rest)
 
     return hook
 
@@ -80,7 +66,7 @@ def load_exported_model(export_dir: Path, device: torch.device, dtype: torch.dty
     model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
     state = _load_state(export_dir)
     weights: dict[str, torch.Tensor] = {}
-    input_amax: dict[str, torch.Tensor] = {}
+    input_scales: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
         if name.endswith((".weight_scale", ".weight_scale_2", ".input_scale")) or name.endswith(
                 ("k_scale", "v_scale")):
@@ -93,7 +79,7 @@ def load_exported_model(export_dir: Path, device: torch.device, dtype: torch.dty
                 dtype=dtype, scale=state[f"{prefix}.weight_scale"],
                 double_scale=state[f"{prefix}.weight_scale_2"], block_sizes={-1: BLOCK_SIZE})
             if f"{prefix}.input_scale" in state:
-                input_amax[prefix] = amax_for_scale(state[f"{prefix}.input_scale"])
+                input_scales[prefix] = state[f"{prefix}.input_scale"].float()
         else:
             weights[name] = tensor.to(dtype)
     missing, unexpected = model.load_state_dict(weights, strict=False)
@@ -103,6 +89,6 @@ def load_exported_model(export_dir: Path, device: torch.device, dtype: torch.dty
                                 f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})")
     if tied:
         model.tie_weights()
-    for prefix, amax in input_amax.items():
-        model.get_submodule(prefix).register_forward_pre_hook(_input_fake_quant_hook(amax))
-    return model.to(device).eval(), {"quantized_layers": len(input_amax), "quant_algo": quant.get("quant_algo")}
+    for prefix, scale in input_scales.items():
+        model.get_submodule(prefix).register_forward_pre_hook(_input_fake_quant_hook(scale))
+    return model.to(device).eval(), {"quantized_layers": len(input_scales), "quant_algo": quant.get("quant_algo")}

@@ -115,7 +115,8 @@ def run_experiment(config: FlowConfig, planned: list[PlannedStage]) -> list[str]
             if stage.status != "done" and not is_complete(config.experiment_dir / stage.name, prints[stage.name])]
 
 
-def stage_logs(config: FlowConfig) -> list[Path]:
-    """Log files nemo_run wrote for this experiment's tasks, newest first."""
+def stage_log(config: FlowConfig, stage: str) -> Path | None:
+    """The newest log nemo_run wrote for `stage` in this experiment."""
     root = config.experiment_dir / "nemo_run"
-    return sorted(root.rglob("log*"), key=lambda p: p.stat().st_mtime, reverse=True) if root.exists() else []
+    logs = sorted(root.rglob(f"{stage}/0/combined.log"), key=lambda p: p.stat().st_mtime) if root.exists() else []
+    return logs[-1] if logs else None

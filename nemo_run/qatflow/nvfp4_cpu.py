@@ -67,7 +67,10 @@ def _round_to_e2m1(q: torch.Tensor) -> torch.Tensor:
 
 
 def fake_quant_nvfp4(
-    inputs: torch.Tensor, amax: torch.Tensor | None, block_size: int = 16
+    inputs: torch.Tensor,
+    amax: torch.Tensor | None,
+    block_size: int = 16,
+    global_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """NVFP4 quantize-then-dequantize of ``inputs`` with ModelOpt's arithmetic.
 
@@ -78,6 +81,8 @@ def fake_quant_nvfp4(
             than one element is reduced to its maximum, as ModelOpt does. ``None`` uses
             the input's own absolute maximum.
         block_size: elements per block sharing one float8 scale (16 for NVFP4).
+        global_scale: the per-tensor scale itself, as a deployed checkpoint stores it
+            (``input_scale``, ``weight_scale_2``); when given, ``amax`` is not used.
 
     Returns:
         A tensor of the input's shape and dtype. The function is forward-only: use it
@@ -106,8 +111,11 @@ def fake_quant_nvfp4(
     # ModelOpt computes ``amax / (6 * 448)`` on the GPU, where PyTorch divides a tensor by a
     # Python scalar by multiplying with its float32 reciprocal; doing the same here keeps
     # the result bit-identical to the CUDA path on every device.
-    inv = torch.tensor(1.0, dtype=torch.float32) / (E2M1_MAX * E4M3_MAX)
-    global_scale = amax.detach().float().amax().to(x.device) * inv.to(x.device)
+    if global_scale is None:
+        inv = torch.tensor(1.0, dtype=torch.float32) / (E2M1_MAX * E4M3_MAX)
+        global_scale = amax.detach().float().amax().to(x.device) * inv.to(x.device)
+    else:
+        global_scale = global_scale.detach().float().reshape(()).to(x.device)
     global_scale_safe = torch.where(global_scale > 0.0, global_scale, _ZERO_GLOBAL_SCALE)
 
     # Per-block scale relative to the global scale, stored as float8_e4m3fn. Clamping first

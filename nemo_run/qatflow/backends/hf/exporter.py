@@ -13,6 +13,24 @@ CHECKPOINT_SUBDIR = "checkpoint"
 QUANT_CONFIG = "hf_quant_config.json"
 
 
+def bake_quantized_weights(model) -> int:
+    """Replace each quantized weight by its fake-quantized value, the weight the student computed with.
+
+    The export casts weights to the export dtype before packing them, and bf16 rounding moves some values
+    across FP4 rounding boundaries (about 0.4% of codes). The fake-quantized values sit on the FP4 x FP8 grid, so
+    the cast cannot move them off it: the packed codes and block scales are then exactly the student's.
+    """
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    baked = 0
+    for module in model.modules():
+        quantizer = getattr(module, "weight_quantizer", None)
+        if isinstance(quantizer, TensorQuantizer) and quantizer.is_enabled and getattr(module, "weight", None) is not None:
+            module.weight.data = quantizer(module.weight).detach()
+            baked += 1
+    return baked
+
+
 def export(ctx: StageContext) -> dict:
     from modelopt.torch.export import export_hf_checkpoint
 
@@ -24,6 +42,7 @@ def export(ctx: StageContext) -> dict:
     target = ctx.out_dir / CHECKPOINT_SUBDIR
     ctx.log(f"exporting unified HF checkpoint ({config.ptq.algorithm}, {config.export.dtype}) to {target}")
     with torch.no_grad():
+        baked = bake_quantized_weights(model)
         export_hf_checkpoint(model, dtype=DTYPES[config.export.dtype], export_dir=target)
     tokenizer.save_pretrained(target)  # tokenizer and chat template ship with the weights
     quant = json.loads((target / QUANT_CONFIG).read_text()) if (target / QUANT_CONFIG).is_file() else {}
@@ -31,6 +50,6 @@ def export(ctx: StageContext) -> dict:
     size = sum(p.stat().st_size for p in target.glob("*.safetensors"))
     ctx.log(f"export: {size / 1e6:.1f} MB of safetensors, quant_algo {quantization.get('quant_algo')}")
     return {"checkpoint": str(ctx.final_dir / CHECKPOINT_SUBDIR),
-            "safetensors_bytes": size, "quant_algo": quantization.get("quant_algo"),
+            "safetensors_bytes": size, "quantized_weights": baked, "quant_algo": quantization.get("quant_algo"),
             "exclude_modules": quantization.get("exclude_modules", []),
             "kv_cache_quant_algo": quantization.get("kv_cache_quant_algo")}

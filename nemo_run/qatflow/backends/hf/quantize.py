@@ -48,6 +48,41 @@ def share_fused_scales(model) -> None:
         requantize_resmooth_fused_llm_layers(model)
 
 
+NVFP4_SCALE_DIVISOR = 6.0 * 448.0  # FP4 max x FP8 max: global scale = amax / this
+
+
+def _exportable_amax(amax: torch.Tensor) -> torch.Tensor:
+    """The float nearest `amax` whose NVFP4 global scale comes out the same both ways ModelOpt computes it:
+    amax * float32(1/2688) in the fake-quant kernels, amax / 2688 in the export's input_scale/weight_scale_2."""
+    inverse = torch.tensor(1.0, dtype=torch.float32) / NVFP4_SCALE_DIVISOR
+    value = amax.detach().float().reshape(()).cpu()
+    candidates, up, down = [value], value, value
+    for _ in range(16):
+        up, down = torch.nextafter(up, torch.tensor(float("inf"))), torch.nextafter(down, torch.tensor(float("-inf")))
+        candidates += [up, down]
+    for candidate in candidates:
+        if torch.equal(candidate * inverse, candidate / NVFP4_SCALE_DIVISOR):
+            return candidate
+    return value
+
+
+def align_global_scales(model) -> int:
+    """Nudge each NVFP4 amax by at most a few ulps so that the trained student and the exported checkpoint use
+    the very same global scales; returns how many moved."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    moved = 0
+    for quantizer in model.modules():
+        if not (isinstance(quantizer, TensorQuantizer) and quantizer.is_enabled and quantizer.num_bits == (2, 1)
+                and quantizer.amax is not None and quantizer.amax.numel() == 1):
+            continue
+        aligned = _exportable_amax(quantizer.amax)
+        if not torch.equal(aligned, quantizer.amax.detach().float().reshape(()).cpu()):
+            quantizer.amax = aligned.to(quantizer.amax.device, quantizer.amax.dtype).reshape(quantizer.amax.shape)
+            moved += 1
+    return moved
+
+
 def count_quantizers(model) -> dict[str, int]:
     from modelopt.torch.quantization.nn import TensorQuantizer
 
@@ -84,6 +119,8 @@ def quantize(ctx: StageContext) -> dict:
         with torch.no_grad():
             model = mtq.quantize(model, cfg, forward_loop)
         share_fused_scales(model)
+        moved = align_global_scales(model)
+        ctx.log(f"shared fused-layer scales; aligned {moved} global scales with the export's arithmetic")
     target = save_model(model, tokenizer, ctx.out_dir)
     ctx.log(f"saved quantized model to {target}")
     return {"algorithm": config.ptq.algorithm, "calib_conversations": len(items), "calib_tokens": calib_tokens,

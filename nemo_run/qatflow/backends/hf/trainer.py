@@ -7,6 +7,7 @@ killed run resume at its last checkpoint, with the same data order.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -28,15 +29,20 @@ CHECKPOINTS_KEPT = 2
 TRAIN_LOG = "train_log.jsonl"
 
 
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(num_items: int, seed: int, epoch: int) -> tuple[int, ...]:
+    permutation = list(range(num_items))
+    random.Random(seed * 1_000_003 + epoch).shuffle(permutation)
+    return tuple(permutation)
+
+
 def sample_order(num_items: int, step: int, global_batch: int, seed: int) -> list[int]:
     """Indices of the conversations of optimizer step `step`: a seeded permutation per epoch, so that a resumed
     run sees exactly the data the killed one would have."""
     indices = []
     for position in range(step * global_batch, (step + 1) * global_batch):
         epoch, offset = divmod(position, num_items)
-        permutation = list(range(num_items))
-        random.Random(seed * 1_000_003 + epoch).shuffle(permutation)
-        indices.append(permutation[offset])
+        indices.append(_epoch_permutation(num_items, seed, epoch)[offset])
     return indices
 
 
@@ -169,7 +175,7 @@ def train(ctx: StageContext) -> dict:
             elapsed = time.time() - started
             done = step + 1 - start_step
             eta = elapsed / done * (train_cfg.steps - step - 1)
-            parts = " ".join(f"{k} {v:.4f}" for k, v in totals.items())
+            parts = " ".join(f"{k} {v:.4g}" for k, v in totals.items())
             ctx.log(f"step {step + 1}/{train_cfg.steps} {parts} lr {lr:.2e} grad {grad_norm:.3f} "
                     f"{tokens_seen / elapsed:.0f} tokens/s eta {eta:.0f}s")
         if (step + 1) % train_cfg.checkpoint_every == 0 and step + 1 < train_cfg.steps:

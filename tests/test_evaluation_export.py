@@ -1,0 +1,54 @@
+"""The evaluation harness against a direct computation, and the export reloader against ModelOpt's quantizers."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from qatflow.chat import tokenize_conversation
+from qatflow.evaluation import score
+
+
+def _items(tokenizer, n=6):
+    from tiny_assets import tiny_conversations
+
+    return [tokenize_conversation(tokenizer, r["messages"], 96) for r in tiny_conversations(n, seed=3)]
+
+
+def test_score_matches_a_direct_computation(tiny_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    items = _items(tokenizer)
+    metrics = score(model, items, 4, tokenizer.pad_token_id, torch.device("cpu"), log=lambda _: None)
+    nll_sum, count = 0.0, 0
+    with torch.no_grad():
+        for item in items:  # one at a time: no padding involved
+            ids = torch.tensor([item.input_ids])
+            logprobs = F.log_softmax(model(ids).logits[0, :-1].float(), -1)
+            targets = ids[0, 1:]
+            mask = torch.tensor(item.loss_mask[1:], dtype=torch.bool)
+            nll = -logprobs.gather(-1, targets[:, None])[:, 0]
+            nll_sum += float(nll[mask].sum())
+            count += int(mask.sum())
+    assert metrics["tokens_assistant"] == count
+    assert math.isclose(metrics["ppl_assistant"], math.exp(nll_sum / count), rel_tol=1e-4)
+    assert metrics["kl_assistant"] == 0.0
+    self_kl = score(model, items, 4, tokenizer.pad_token_id, torch.device("cpu"), reference=model, log=lambda _: None)
+    assert abs(self_kl["kl_all"]) < 1e-6  # KL of a model to itself
+
+
+def test_aligned_global_scales_agree_between_kernel_and_export():
+    from qatflow.backends.hf.quantize import NVFP4_SCALE_DIVISOR, _exportable_amax
+
+    inverse = torch.tensor(1.0) / NVFP4_SCALE_DIVISOR
+    amaxes = torch.rand(500, generator=torch.Generator().manual_seed(0)) * 40
+    raw_mismatch = sum(not torch.equal(a * inverse, a / NVFP4_SCALE_DIVISOR) for a in amaxes)
+    assert raw_mismatch > 0  # the two computations really do differ for some amax
+    for amax in amaxes:
+        aligned = _exportable_amax(amax)
+        assert torch.equal(aligned * inverse, aligned / NVFP4_SCALE_DIVISOR)
+        assert abs(float(aligned - amax)) <= 16 * float(torch.finfo(torch.float32).eps * amax)
