@@ -61,7 +61,6 @@ def test_bad_overrides_name_the_setting(override, message):
     (["--set", "train.global_batch_size=5"], "multiple of"),
     (["--set", "eval.num_samples=1000"], "data.num_validation"),
     (["--train-gpus", "8"], "--backend nemo"),
-    (["--backend", "nemo"], "not available"),
     (["--executor", "slurm"], "not available"),
     (["--use-slurm"], "not available"),
     (["--recipe", "no_such_recipe"], "smollm2_135m_qad"),

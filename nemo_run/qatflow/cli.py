@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(parser, "train-nodes", type=int, help="nodes for training")
     _flag(parser, "tensor-parallelism", type=int, help="tensor-parallel size (nemo backend)")
     _flag(parser, "pipeline-parallelism", type=int, help="pipeline-parallel size (nemo backend)")
+    _flag(parser, "finetune-recipe", help="nemo backend QAT: the model's NeMo finetune recipe (e.g. qwen3_8b)")
     _flag(parser, "backend", choices=BACKENDS, help="hf (transformers + ModelOpt) or nemo (NeMo 2 / megatron-core)")
     _flag(parser, "executor", choices=EXECUTORS, help="where stages run")
     _flag(parser, "use-slurm", action="store_true", help="same as --executor slurm")
@@ -68,7 +69,7 @@ def flag_layer(args: argparse.Namespace) -> dict:
         "log_dir": "run.log_dir", "ptq_gpus": "run.ptq_gpus", "train_gpus": "run.train_gpus",
         "train_nodes": "run.train_nodes", "tensor_parallelism": "run.tensor_parallelism",
         "pipeline_parallelism": "run.pipeline_parallelism", "backend": "run.backend", "executor": "run.executor",
-        "device": "run.device",
+        "device": "run.device", "finetune_recipe": "nemo.finetune_recipe",
     }
     layer: dict = {}
     for attribute, dotted in mapping.items():
@@ -133,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     print(graph.describe(config, planned))
     if args.dry_run:
         return 0
+    if config.run.backend == "nemo":
+        print("error: the nemo backend plans and checks settings (--dry-run) but does not run its stages in this "
+              "version; use --backend hf to run", file=sys.stderr)
+        return 2
     todo = [stage.name for stage in planned if stage.status != "done"]
     if not todo:
         print("\nevery stage is complete for these settings: nothing to run (use --force or --from-stage to redo)")

@@ -100,6 +100,27 @@ class ExportConfig:
 
 
 @dataclass
+class NemoConfig:
+    """Settings of the nemo backend. What NeMo defaults to GPU / Transformer Engine is a setting here; `cpu`
+    environments set accelerator cpu, precision 32, fusions, async save and the distributed optimizer off and
+    the local layer spec (see recipes/env_cpu.yaml)."""
+
+    model_class: str = "LlamaModel"  # nemo.collections.llm.<model_class>
+    config_class: Optional[str] = None  # nemo.collections.llm.<config_class>; None: read from the HF config
+    finetune_recipe: Optional[str] = None  # QAT: the model's NeMo finetune recipe (llm.<name>.finetune_recipe)
+    accelerator: str = "gpu"
+    precision: str = "bf16-mixed"
+    sequence_parallel: Optional[bool] = None  # None: on exactly when tensor_parallelism > 1
+    ckpt_async_save: bool = True
+    use_distributed_optimizer: bool = True
+    fusions: bool = True  # rope/softmax/bias-activation/layer-norm/dropout/grad-accum/cross-entropy fusions (TE)
+    layer_spec: str = "te"  # te (Transformer Engine) or local (plain megatron-core)
+    export_checkpoint: str = "last"  # the 03_train checkpoint exported: last, or best (lowest validation loss)
+    val_check_interval: int = 50
+    limit_val_batches: int = 32
+
+
+@dataclass
 class RunConfig:
     backend: str = "hf"
     executor: str = "local"
@@ -122,6 +143,7 @@ class FlowConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    nemo: NemoConfig = field(default_factory=NemoConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     @property
@@ -203,6 +225,31 @@ def _choice(value: str, choices: tuple[str, ...], name: str) -> None:
         raise ConfigError(f"{name}={value!r} is not one of {', '.join(choices)}")
 
 
+def _validate_nemo(config: FlowConfig) -> None:
+    nemo, run = config.nemo, config.run
+    _choice(nemo.accelerator, ("gpu", "cpu"), "nemo.accelerator")
+    _choice(nemo.precision, ("bf16-mixed", "16-mixed", "32"), "nemo.precision")
+    _choice(nemo.layer_spec, ("te", "local"), "nemo.layer_spec")
+    _choice(nemo.export_checkpoint, ("last", "best"), "nemo.export_checkpoint")
+    model_parallel = run.tensor_parallelism * run.pipeline_parallelism
+    if run.tensor_parallelism < 1 or run.pipeline_parallelism < 1:
+        raise ConfigError("--tensor-parallelism and --pipeline-parallelism must be at least 1")
+    total_train = run.train_gpus * run.train_nodes
+    if total_train % model_parallel:
+        raise ConfigError(f"--train-gpus {run.train_gpus} x --train-nodes {run.train_nodes} = {total_train} GPUs is "
+                          f"not a multiple of TP x PP = {model_parallel}; change the GPUs or the parallelism")
+    if run.ptq_gpus % model_parallel:
+        raise ConfigError(f"--ptq-gpus {run.ptq_gpus} is not a multiple of TP x PP = {model_parallel}")
+    if nemo.sequence_parallel and run.tensor_parallelism == 1:
+        raise ConfigError("nemo.sequence_parallel=true needs --tensor-parallelism > 1 (or leave it null: it follows TP)")
+    if nemo.layer_spec == "local" and nemo.fusions:
+        raise ConfigError("nemo.fusions need Transformer Engine: with nemo.layer_spec=local set nemo.fusions=false")
+    if config.train.global_batch_size % (config.train.micro_batch_size * (total_train // model_parallel)):
+        raise ConfigError(f"train.global_batch_size={config.train.global_batch_size} must be a multiple of "
+                          f"micro_batch_size x data-parallel size = {config.train.micro_batch_size} x "
+                          f"{total_train // model_parallel}")
+
+
 def validate(config: FlowConfig) -> None:
     """Checks that need no model and no cluster: they fail before anything is queued."""
     _choice(config.ptq.algorithm, ALGORITHMS, "ptq.algorithm (--algorithm)")
@@ -214,7 +261,7 @@ def validate(config: FlowConfig) -> None:
     _choice(config.model.dtype, DTYPES, "model.dtype")
     _choice(config.export.dtype, ("bfloat16", "float16", "float32"), "export.dtype")
     if config.run.backend == "nemo":
-        raise ConfigError("--backend nemo is not available in this version; use --backend hf")
+        _validate_nemo(config)
     if config.run.executor != "local":
         raise ConfigError(f"--executor {config.run.executor} is not available in this version; use --executor local")
     if config.run.backend == "hf":

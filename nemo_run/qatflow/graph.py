@@ -76,7 +76,18 @@ def describe(config: FlowConfig, planned: list[PlannedStage]) -> str:
         if stage.status != "done":
             lines.append(f"{'':<16} task: run.Partial(qatflow.stages.runner.run_stage, stage={stage.name!r}) "
                          f"-> qatflow.stages.{spec.module} on the {spec.resources} executor")
+            backend_line = _backend_description(config, stage.name)
+            if backend_line:
+                lines.append(f"{'':<16} {config.run.backend}: {backend_line}")
     return "\n".join(lines)
+
+
+def _backend_description(config: FlowConfig, stage: str) -> str:
+    if config.run.backend == "nemo":
+        from qatflow.backends.nemo.settings import describe_stage
+
+        return describe_stage(config, stage)
+    return ""
 
 
 def add_tasks(experiment, config: FlowConfig, planned: list[PlannedStage]) -> dict[str, str]:

@@ -25,7 +25,7 @@ class StageSpec:
 STAGES: tuple[StageSpec, ...] = (
     StageSpec("00_data", (), ("data",), "data", "cpu",
               "chat data -> seeded training.jsonl / validation.jsonl"),
-    StageSpec("01_import", (), ("model", "run.backend"), "model_import", "ptq",
+    StageSpec("01_import", (), ("model", "run.backend"), "model_import", "cpu",
               "model (HF id, local dir or GGUF) -> the backend's checkpoint"),
     StageSpec("02_ptq", ("00_data", "01_import"), ("ptq",), "ptq", "ptq",
               "ModelOpt post-training quantization, calibrated on training conversations"),

@@ -1,0 +1,65 @@
+"""The nemo backend's settings: parallelism per stage, checks before queueing, and the printed plan."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import run_flow
+
+from qatflow import cli
+from qatflow.backends.nemo.settings import parallelism
+from qatflow.config import ConfigError
+
+
+def test_issue_command_prints_devices_nodes_and_parallelism(tmp_path):
+    result = run_flow("--dry-run", "--backend", "nemo", "--recipe", "qwen3_8b", "--train-gpus", "8",
+                      "--tensor-parallelism", "2", "--log-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.strip().startswith("nemo:")
+             for line in [line.strip()]}
+    out = result.stdout
+    assert "recipe      qwen3_8b_qat   backend nemo" in out
+    train = next(line for line in out.splitlines() if "llm.finetune via qwen3_8b" in line)
+    assert "8 device(s) x 1 node(s), TP 2 PP 1 DP 4 SP on" in train
+    ptq = next(line for line in out.splitlines() if "nemo Quantizer(nvfp4" in line)
+    assert "4 device(s) x 1 node(s), TP 2 PP 1 DP 2 SP on" in ptq
+    assert "llm.import_ckpt(llm.Qwen3Model(Qwen3Config8B), source=hf://Qwen/Qwen3-8B)" in out
+    assert "export_mcore_gpt_to_hf(03_train checkpoint: last)" in out
+    assert lines  # every model stage says what it runs
+    assert not any(tmp_path.iterdir())
+
+
+def test_distill_uses_the_distillation_recipe_with_the_given_learning_rate():
+    config, _ = cli.load_config(["--backend", "nemo", "--recipe", "llama31_8b", "--distill", "--learning-rate",
+                                 "3e-6", "--train-nodes", "2", "--pipeline-parallelism", "2"])
+    assert config.recipe == "llama31_8b_qad" and config.train.lr == 3e-6
+    train = parallelism(config, "03_train")
+    assert (train.devices, train.nodes, train.tensor, train.pipeline, train.data) == (8, 2, 2, 2, 4)
+    assert train.sequence_parallel
+
+
+def test_sequence_parallel_follows_tensor_parallelism():
+    config, _ = cli.load_config(["--backend", "nemo", "--recipe", "qwen3_8b", "--tensor-parallelism", "1",
+                                 "--set", "train.global_batch_size=512"])
+    assert not parallelism(config, "03_train").sequence_parallel  # upstream left SP on with TP=1
+    with pytest.raises(ConfigError, match="needs --tensor-parallelism > 1"):
+        cli.load_config(["--backend", "nemo", "--recipe", "qwen3_8b", "--tensor-parallelism", "1",
+                         "--set", "nemo.sequence_parallel=true"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--train-gpus", "6", "--tensor-parallelism", "4"], "not a multiple of TP x PP = 4"),
+    (["--ptq-gpus", "3"], "--ptq-gpus 3 is not a multiple"),
+    (["--set", "nemo.layer_spec=local"], "nemo.fusions=false"),
+    (["--set", "nemo.precision=fp8"], "nemo.precision"),
+    (["--set", "train.global_batch_size=6"], "data-parallel size"),
+])
+def test_bad_parallel_settings_fail_before_queueing(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        cli.load_config(["--backend", "nemo", "--recipe", "qwen3_8b", *argv])
+
+
+def test_running_the_nemo_backend_is_refused_clearly(tmp_path):
+    result = run_flow("--backend", "nemo", "--recipe", "qwen3_8b", "--log-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert "--dry-run" in result.stderr and "--backend hf" in result.stderr
+    assert not (tmp_path / "qat_flow_ckpts").exists()
