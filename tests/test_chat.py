@@ -13,9 +13,12 @@ from qatflow.chat import (
     TokenizedConversation,
     apply_template_override,
     check_mask_share,
+    describe_statistics,
     mask_statistics,
+    suggest_template,
     tokenize_conversation,
 )
+from qatflow.tokens import PackedSequence, collate, pack, tokenize_split
 from tiny_assets import CHATML_GENERATION_TEMPLATE, CHATML_TEMPLATE, build_tiny_llama, build_tiny_tokenizer, \
     tiny_conversations
 
@@ -144,3 +147,93 @@ def test_tiny_llama_runs_on_tokenized_chat(tokenizer, tmp_path: Path) -> None:
     item = tokenize_conversation(AutoTokenizer.from_pretrained(str(model_dir)), TOOL_CONVERSATION, max_len=64)
     logits = model(torch.tensor([item.input_ids])).logits
     assert logits.shape == (1, len(item.input_ids), len(tokenizer))
+
+
+# A ChatML template without generation tags that lists the offered tools in its system turn.
+TOOLS_TEMPLATE = (
+    "{% if tools %}{{ '<|im_start|>system\\nTools: ' + (tools | map(attribute='function.name') | join(', '))"
+    " + '<|im_end|>\\n' }}{% endif %}"
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_tools_reach_the_template(tokenizer) -> None:
+    tokenizer.chat_template = TOOLS_TEMPLATE
+    tools = [{"type": "function", "function": {"name": "adder", "parameters": {"type": "object"}}}]
+    item = tokenize_conversation(tokenizer, TOOL_CONVERSATION, max_len=100_000, tools=tools)
+    assert tokenizer.decode(item.input_ids).startswith("<|im_start|>system\nTools: adder<|im_end|>\n")
+    assert _supervised_runs(tokenizer, item) == ["Let me add them.<|im_end|>", "It is 5.<|im_end|>"]
+    # tokenize_split passes each record's tools.
+    [from_split] = tokenize_split(tokenizer, [{"messages": TOOL_CONVERSATION, "tools": tools}], 100_000, "train",
+                                  log=lambda line: None)
+    assert from_split == item
+
+
+def test_statistics_report_lengths_and_truncation(tokenizer) -> None:
+    full = tokenize_conversation(tokenizer, TOOL_CONVERSATION, max_len=100_000)
+    short = tokenize_conversation(tokenizer, TOOL_CONVERSATION, max_len=8)
+    assert full.full_length == short.full_length == len(full.input_ids) > 8
+    stats = mask_statistics([full, short])
+    assert stats["conversations"] == 2 and stats["truncated"] == 1 and stats["without_supervised_tokens"] == 1
+    assert stats["length_max"] == stats["length_p50"] == full.full_length  # lengths before truncation
+    line = describe_statistics(stats, "validation")
+    assert line.startswith(f"validation: 2 conversations, {stats['tokens']} tokens, ")
+    assert f"{stats['supervised_share']:.1%} supervised" in line and "1 truncated" in line
+    assert "warning: 1 conversations have no supervised token" in line
+
+
+def test_tokenize_split_logs_share_and_refuses_broken_masks(tokenizer) -> None:
+    lines: list[str] = []
+    records = [{"messages": messages} for messages in _conversations()]
+    items = tokenize_split(tokenizer, records, 100_000, "calibration", log=lines.append)
+    [line] = lines
+    assert line == describe_statistics(mask_statistics(items), "calibration")
+    assert line.startswith(f"calibration: {len(records)} conversations")
+    with pytest.raises(ChatTemplateError, match="calibration: no token is supervised"):
+        tokenize_split(tokenizer, records, 3, "calibration", log=lines.append)
+    tokenizer.chat_template = "{% for m in messages %}{% generation %}{{ m['content'] }}{% endgeneration %}{% endfor %}"
+    with pytest.raises(ChatTemplateError, match="train: every token is supervised"):
+        tokenize_split(tokenizer, records, 100_000, "train", log=lines.append)
+    # A template of another model family is refused before anything is tokenized.
+    tokenizer.chat_template = "{% for m in messages %}{{ '<|start_header_id|>' + m['content'] }}{% endfor %}"
+    with pytest.raises(ChatTemplateError, match="writes <\\|start_header_id\\|>, which tokenizer"):
+        tokenize_split(tokenizer, records, 100_000, "train", log=lines.append)
+
+
+def test_refusals_suggest_the_shipped_template() -> None:
+    assert "--chat-template llama3" in suggest_template("{{ '<|start_header_id|>' }}")
+    assert "--chat-template qwen3" in suggest_template("<|im_start|> ... <think>")
+    assert "--chat-template smollm2" in suggest_template(CHATML_TEMPLATE)
+    assert "--chat-template chatml" in suggest_template("<|im_start|>")
+    assert "{% generation %} tags" in suggest_template("[INST]") and "chat_templates" in suggest_template("[INST]")
+
+
+def test_pack_keeps_tokens_masks_and_boundaries(tokenizer) -> None:
+    items = [tokenize_conversation(tokenizer, messages, max_len=100_000) for messages in _conversations()]
+    seq_len = max(len(item.input_ids) for item in items) + 40
+    packed = pack(items, seq_len)
+    assert pack(items, seq_len) == packed  # deterministic
+    assert len(packed) < len(items) and all(len(row.input_ids) <= seq_len for row in packed)
+    # Every conversation lands whole in exactly one row, in order within the row.
+    segments = []
+    for row in packed:
+        assert isinstance(row, PackedSequence) and sum(row.segments) == len(row.input_ids) == row.full_length
+        assert row.position_ids() == [p for length in row.segments for p in range(length)]
+        start = 0
+        for length in row.segments:
+            segments.append((row.input_ids[start:start + length], row.loss_mask[start:start + length]))
+            start += length
+    assert sorted(segments) == sorted((item.input_ids, item.loss_mask) for item in items)
+    # No target is predicted across a boundary: a conversation's first token is never supervised.
+    batch = collate(packed, tokenizer.pad_token_id)
+    for index, row in enumerate(packed):
+        starts = [sum(row.segments[:k]) for k in range(len(row.segments))]
+        assert all(row.loss_mask[s] == 0 for s in starts)
+        assert batch.assistant_target_mask[index].sum().item() == sum(row.loss_mask[1:])
+    # A conversation longer than seq_len is truncated and fills a row by itself.
+    [alone] = pack([items[0]], 10)
+    assert alone.input_ids == items[0].input_ids[:10] and alone.segments == [10]
+    with pytest.raises(ValueError, match="seq_len=0 must be positive"):
+        pack(items, 0)

@@ -70,10 +70,12 @@ def test_jsonl_openai_keeps_tool_calls(tmp_path: Path) -> None:
         {"role": "assistant", "content": "It rains."},
     ], "id": "row-1"}
     [record] = read_jsonl_conversations(_write_lines(tmp_path / "d.jsonl", [row]))
+    # Arguments become objects: templates render them with tojson, which would encode a string twice.
+    parsed_call = {**call, "function": {"name": "weather", "arguments": {"city": "Oslo"}}}
     assert record == {"messages": [
         {"role": "system", "content": "be brief"},
         {"role": "user", "content": "weather in Oslo?"},
-        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "assistant", "content": "", "tool_calls": [parsed_call]},
         {"role": "tool", "content": "rain", "tool_call_id": "c1"},
         {"role": "assistant", "content": "It rains."},
     ]}
@@ -164,29 +166,32 @@ def test_write_read_jsonl_round_trip(tmp_path: Path) -> None:
 
 def test_jsonl_split_is_seeded(tmp_path: Path) -> None:
     path = _write_lines(tmp_path / "all.jsonl", [_conversation(i) for i in range(30)])
-    train, validation = load_splits(str(path), "chitchat", 20, 5, seed=1, system_prompt=None)
-    assert (train, validation) == load_splits(str(path), "chitchat", 20, 5, seed=1, system_prompt=None)
-    assert len(train) == 20 and len(validation) == 5
-    questions = [r["messages"][0]["content"] for r in train + validation]
+    splits = load_splits(str(path), "chitchat", 20, 5, seed=1, system_prompt=None)
+    assert splits == load_splits(str(path), "chitchat", 20, 5, seed=1, system_prompt=None)
+    assert splits.seeded and splits.rows == 30 and splits.skipped == 0 and splits.origin == str(path)
+    assert len(splits.train) == 20 and len(splits.validation) == 5
+    questions = [r["messages"][0]["content"] for r in splits.train + splits.validation]
     assert len(set(questions)) == 25  # disjoint
     other = load_splits(str(path), "chitchat", 20, 5, seed=2, system_prompt=None)
-    assert other != (train, validation)
+    assert (other.train, other.validation) != (splits.train, splits.validation)
 
 
 def test_builtin_source_split(tmp_path: Path) -> None:
-    train, validation = load_splits(None, "chitchat", 12, 4, seed=0, system_prompt="Be nice.")
-    assert (train, validation) == load_splits(None, "chitchat", 12, 4, seed=0, system_prompt="Be nice.")
-    assert len(train) == 12 and len(validation) == 4
+    splits = load_splits(None, "chitchat", 12, 4, seed=0, system_prompt="Be nice.")
+    assert splits == load_splits(None, "chitchat", 12, 4, seed=0, system_prompt="Be nice.")
+    train, validation = splits.train, splits.validation
+    assert len(train) == 12 and len(validation) == 4 and splits.origin == "data.source=chitchat"
     assert all(r["messages"][0] == {"role": "system", "content": "Be nice."} for r in train + validation)
-    assert load_splits(None, "chitchat", 12, 4, seed=1, system_prompt=None)[0] != train
-    with pytest.raises(DataError, match="not a built-in source; choose one of chitchat"):
+    assert load_splits(None, "chitchat", 12, 4, seed=1, system_prompt=None).train != train
+    with pytest.raises(DataError, match="not a known source; choose one of chitchat, lima, openscience"):
         load_splits(None, "wikipedia", 12, 4, seed=0, system_prompt=None)
 
 
 def test_system_prompt_only_where_missing(tmp_path: Path) -> None:
     with_system = {"messages": [{"role": "system", "content": "own"}] + _conversation(0)["messages"]}
     path = _write_lines(tmp_path / "d.jsonl", [with_system, _conversation(1)])
-    train, validation = load_splits(str(path), "chitchat", 1, 1, seed=0, system_prompt="default")
+    splits = load_splits(str(path), "chitchat", 1, 1, seed=0, system_prompt="default")
+    train, validation = splits.train, splits.validation
     systems = sorted(r["messages"][0]["content"] for r in train + validation)
     assert systems == ["default", "own"]
     assert all(sum(m["role"] == "system" for m in r["messages"]) == 1 for r in train + validation)
@@ -195,9 +200,10 @@ def test_system_prompt_only_where_missing(tmp_path: Path) -> None:
 def test_folder_keeps_its_splits(tmp_path: Path) -> None:
     _write_lines(tmp_path / "training.jsonl", [_conversation(i) for i in range(10)])
     _write_lines(tmp_path / "validation.jsonl", [_conversation(100 + i) for i in range(4)])
-    train, validation = load_splits(str(tmp_path), "chitchat", 8, 3, seed=5, system_prompt=None)
-    assert train == [_conversation(i) for i in range(8)]
-    assert validation == [_conversation(100 + i) for i in range(3)]
+    splits = load_splits(str(tmp_path), "chitchat", 8, 3, seed=5, system_prompt=None)
+    assert not splits.seeded and splits.rows == 14
+    assert splits.train == [_conversation(i) for i in range(8)]
+    assert splits.validation == [_conversation(100 + i) for i in range(3)]
     with pytest.raises(DataError, match=r"validation.jsonl: 4 conversations, but 5 .*data.num_validation"):
         load_splits(str(tmp_path), "chitchat", 8, 5, seed=5, system_prompt=None)
     (tmp_path / "validation.jsonl").unlink()

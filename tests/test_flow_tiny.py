@@ -20,8 +20,7 @@ def _manifest(experiment: Path, stage: str) -> dict:
 
 
 def test_tiny_flow_end_to_end_then_rerun_skips(tiny_recipe, tmp_path):
-    args = ("--recipe", str(tiny_recipe), "--log-dir", str(tmp_path), "--experiment", "tiny",
-            "--set", "export.dtype=float32")
+    args = ("--recipe", str(tiny_recipe), "--log-dir", str(tmp_path), "--experiment", "tiny")
     result = run_flow(*args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     experiment = tmp_path / "tiny"
@@ -35,7 +34,7 @@ def test_tiny_flow_end_to_end_then_rerun_skips(tiny_recipe, tmp_path):
         (checkpoint / "chat_template.jinja").is_file()
     verify = _manifest(experiment, "05_verify")["metrics"]
     assert verify["verified"] and verify["quantized_layers"] == 14  # 2 layers x (q, k, v, o, gate, up, down)
-    # fp32 export of a student whose fused scales were shared at PTQ: the export computes what was trained.
+    # Fused scales shared and global scales aligned at PTQ, weights baked at export: the export is the student.
     assert verify["kl_all"] < 1e-6, verify
     train = _manifest(experiment, "03_train")["metrics"]
     assert train["method"] == "qad" and train["steps"] == 6 and train["resumed_from_step"] == 0

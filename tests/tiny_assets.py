@@ -105,3 +105,25 @@ def build_tiny_llama(save_dir: Path, tokenizer: PreTrainedTokenizerFast, hidden_
     model.save_pretrained(str(save_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(save_dir))
     return save_dir
+
+
+# Special tokens of the Llama 3.1 and Qwen3 chat formats, for tiny tokenizers that render the shipped templates.
+LLAMA3_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                   "<|eom_id|>", "<|python_tag|>")
+QWEN3_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<tool_call>", "</tool_call>",
+                  "<tool_response>", "</tool_response>")
+
+
+def build_tiny_tokenizer_with(special: tuple[str, ...], bos: str | None, eos: str, pad: str,
+                              chat_template: str | None = None, vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on chitchat text with the given special tokens (ids 0, 1, ... in order)."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(_training_texts(), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=eos, pad_token=pad,
+                                        unk_token=pad, model_max_length=8192, clean_up_tokenization_spaces=False)
+    tokenizer.chat_template = chat_template
+    return tokenizer

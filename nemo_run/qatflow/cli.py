@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -51,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(parser, "backend", choices=BACKENDS, help="hf (transformers + ModelOpt) or nemo (NeMo 2 / megatron-core)")
     _flag(parser, "executor", choices=EXECUTORS, help="where stages run")
     _flag(parser, "use-slurm", action="store_true", help="same as --executor slurm")
+    _flag(parser, "slurm-profile", default=os.environ.get("QATFLOW_SLURM_PROFILE"),
+          help="Slurm cluster profile: slurm/<cluster>.yaml or a shipped name (default $QATFLOW_SLURM_PROFILE)")
+    parser.add_argument("--status", action="store_true",
+                        help="print the Slurm jobs of this experiment's last submission; exit 1 if one failed")
+    parser.add_argument("--logs", metavar="STAGE", choices=STAGE_NAMES, help="print the Slurm job log of STAGE")
+    parser.add_argument("--cancel", action="store_true", help="cancel the unfinished Slurm jobs of this experiment")
     _flag(parser, "device", choices=("auto", "cpu", "cuda"), help="hf backend device (default auto)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override any setting, e.g. --set train.lr=2e-5 (repeatable)")
@@ -69,14 +76,14 @@ def flag_layer(args: argparse.Namespace) -> dict:
         "log_dir": "run.log_dir", "ptq_gpus": "run.ptq_gpus", "train_gpus": "run.train_gpus",
         "train_nodes": "run.train_nodes", "tensor_parallelism": "run.tensor_parallelism",
         "pipeline_parallelism": "run.pipeline_parallelism", "backend": "run.backend", "executor": "run.executor",
-        "device": "run.device", "finetune_recipe": "nemo.finetune_recipe",
+        "device": "run.device", "slurm_profile": "run.slurm_profile", "finetune_recipe": "nemo.finetune_recipe",
     }
     layer: dict = {}
     for attribute, dotted in mapping.items():
         value = getattr(args, attribute)
         if value is None:
             continue
-        if attribute in ("model_name", "data_path", "chat_template", "hf_tokenizer", "log_dir"):
+        if attribute in ("model_name", "data_path", "chat_template", "hf_tokenizer", "log_dir", "slurm_profile"):
             value = paths.absolutize(value)
         section, key = dotted.split(".")
         layer.setdefault(section, {})[key] = value
@@ -127,12 +134,18 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     try:
         config, args = load_config(argv)
+        if args.status or args.logs or args.cancel:
+            from qatflow import slurm
+
+            return slurm.command(config, status=args.status, logs=args.logs, cancel=args.cancel)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     planned = graph.plan(config, force=args.force, from_stage=args.from_stage)
     print(graph.describe(config, planned))
     if args.dry_run:
+        if config.run.executor == "slurm":
+            print(graph.dry_run_scripts(config, planned))
         return 0
     if config.run.backend == "nemo":
         print("error: the nemo backend plans and checks settings (--dry-run) but does not run its stages in this "
@@ -143,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
         print("\nevery stage is complete for these settings: nothing to run (use --force or --from-stage to redo)")
         print_results(config)
         return 0
+    try:
+        graph.check_executor(config, planned)  # the cluster's own answers, before anything is queued
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     graph.forget(config, planned)
     config.experiment_dir.mkdir(parents=True, exist_ok=True)
     (config.experiment_dir / "config.yaml").write_text(config.to_yaml())

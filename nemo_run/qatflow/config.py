@@ -47,15 +47,19 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # None: the built-in `source`; else OpenAI `messages` / ShareGPT JSONL, or a folder with
-    # training.jsonl and validation.jsonl.
+    # None: the built-in chitchat corpus, or the hub copy of a public `source`. Else OpenAI `messages` / ShareGPT
+    # rows in a .jsonl or .parquet file, a `datasets` save_to_disk folder, or a folder with training.jsonl and
+    # validation.jsonl; with a public `source`, its local copy (see docs/chat-data.md).
     path: Optional[str] = None
+    # chitchat (built-in; any `path` is read as OpenAI/ShareGPT rows), or a public set processor:
+    # lima, openscience, ultrachat, daring_anteater.
     source: str = "chitchat"
     num_train: int = 2000
     num_validation: int = 200
     seed: int = 1234
-    max_seq_len: int = 1024
     system_prompt: Optional[str] = None
+    # Malformed rows are skipped (and listed) up to this fraction of the rows read; above it the data stage fails.
+    max_bad_fraction: float = 0.01
 
 
 @dataclass
@@ -96,7 +100,9 @@ class EvalConfig:
 
 @dataclass
 class ExportConfig:
-    dtype: str = "bfloat16"  # dtype of the unquantized tensors in the unified checkpoint
+    # dtype of the tensors that are not quantized (embeddings, norms, lm_head). float32 ships exactly the
+    # student that was trained; bfloat16 halves them but moves the model (05_verify measures by how much).
+    dtype: str = "float32"
 
 
 @dataclass
@@ -132,6 +138,8 @@ class RunConfig:
     train_nodes: int = 1
     tensor_parallelism: int = 1
     pipeline_parallelism: int = 1
+    # --executor slurm: the cluster profile (a YAML path or a name shipped in slurm/; see slurm/README.md).
+    slurm_profile: Optional[str] = None
 
 
 @dataclass
@@ -262,8 +270,11 @@ def validate(config: FlowConfig) -> None:
     _choice(config.export.dtype, ("bfloat16", "float16", "float32"), "export.dtype")
     if config.run.backend == "nemo":
         _validate_nemo(config)
-    if config.run.executor != "local":
-        raise ConfigError(f"--executor {config.run.executor} is not available in this version; use --executor local")
+    if config.run.executor == "docker":
+        raise ConfigError("--executor docker is not available in this version; use --executor local or slurm")
+    if config.run.executor == "slurm" and not config.run.slurm_profile:
+        raise ConfigError("--executor slurm needs --slurm-profile slurm/<cluster>.yaml (or $QATFLOW_SLURM_PROFILE); "
+                          "see slurm/README.md")
     if config.run.backend == "hf":
         for name in ("ptq_gpus", "train_gpus", "train_nodes", "tensor_parallelism", "pipeline_parallelism"):
             if getattr(config.run, name) != 1:
@@ -271,7 +282,7 @@ def validate(config: FlowConfig) -> None:
                                   f"use --backend nemo for several GPUs or nodes")
     positive = {
         "data.num_train": config.data.num_train, "data.num_validation": config.data.num_validation,
-        "data.max_seq_len": config.data.max_seq_len, "ptq.calib_samples": config.ptq.calib_samples,
+"ptq.calib_samples": config.ptq.calib_samples,
         "ptq.calib_seq_len": config.ptq.calib_seq_len, "ptq.calib_batch_size": config.ptq.calib_batch_size,
         "train.steps": config.train.steps, "train.global_batch_size": config.train.global_batch_size,
         "train.micro_batch_size": config.train.micro_batch_size, "train.seq_len": config.train.seq_len,
@@ -301,3 +312,10 @@ def validate(config: FlowConfig) -> None:
         data_path = Path(config.data.path)
         if not data_path.exists():
             raise ConfigError(f"--data-path {config.data.path}: no such file or folder")
+    from qatflow.data import source_names  # stdlib only; imported here to keep config free of data code
+
+    if config.data.source not in source_names():
+        raise ConfigError(f"data.source={config.data.source!r} is not one of {', '.join(source_names())}")
+    if not 0.0 <= config.data.max_bad_fraction < 1.0:
+        raise ConfigError(f"data.max_bad_fraction={config.data.max_bad_fraction} must be at least 0 and below 1 "
+                          f"(the share of malformed rows that may be skipped)")

@@ -1,7 +1,9 @@
-"""Chat data -> normalized records {"messages": [{"role", "content", ...}]}.
+"""Chat data -> normalized records {"messages": [{"role", "content", ...}], "tools": [...] (when offered)}.
 
-Sources: the built-in chitchat corpus (PyPI package chitchat-dataset), OpenAI `messages` JSONL, ShareGPT
-`conversations` JSONL, or a folder holding training.jsonl and validation.jsonl.
+Inputs (data.path): OpenAI `messages` or ShareGPT `conversations` rows in a .jsonl or .parquet file, in a
+`datasets` save_to_disk folder, or in a folder holding training and validation files. Without data.path: the
+built-in chitchat corpus (PyPI package chitchat-dataset). Public sets (LIMA, OpenScience, UltraChat,
+Daring-Anteater) are read by the processors of qatflow.datasets_public, named by data.source.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ import os
 import random
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 ROLES = ("system", "user", "assistant", "tool")
+# ShareGPT speakers, matched case-insensitively ("human", "User", "gpt", "Assistant", ...).
 SHAREGPT_ROLES = {
     "human": "user",
     "user": "user",
@@ -32,12 +36,14 @@ CHITCHAT_PACKAGE = "chitchat_dataset"
 CHITCHAT_PIN = "chitchat-dataset==0.9.0"
 TRAIN_FILE = "training.jsonl"
 VALIDATION_FILE = "validation.jsonl"
+DATA_SUFFIXES = (".jsonl", ".parquet")
+DEFAULT_MAX_BAD_FRACTION = 0.01
 # How many malformed rows an error message lists.
 SHOWN_BAD_ROWS = 5
 
 
 class DataError(ValueError):
-    """The data is wrong or missing; the message names the file (and line) and the fix."""
+    """The data is wrong or missing; the message names the file (and line or row) and the fix."""
 
 
 # ---------------------------------------------------------------------------------------------- chitchat
@@ -93,7 +99,42 @@ def read_chitchat(limit: int | None = None) -> list[dict]:
     return [{"messages": [{"role": role, "content": text} for role, text in turns]} for turns in records]
 
 
-# ---------------------------------------------------------------------------------------------- JSONL
+# ---------------------------------------------------------------------------------------------- one row
+
+
+def _without_none(item: dict) -> dict:
+    # Arrow tables (parquet, save_to_disk) give every row every field of the column, None where absent.
+    return {key: value for key, value in item.items() if value is not None}
+
+
+def _tool_calls(calls: Any, where: str) -> list[dict]:
+    """OpenAI tool calls with their arguments as objects: chat templates render arguments with tojson, so a JSON
+    string (the OpenAI wire format) would be encoded twice."""
+    if not isinstance(calls, list):
+        raise ValueError(f"{where}: \"tool_calls\" must be a list, got {type(calls).__name__}")
+    out = []
+    for number, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise ValueError(f"{where}: tool call {number} needs {{\"function\": {{\"name\": ..., "
+                             f"\"arguments\": ...}}}}")
+        arguments = function.get("arguments")
+        if arguments is None:
+            arguments = {}
+        elif isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where}: tool call {number} ({function['name']}) has arguments that are not "
+                                 f"valid JSON ({error.msg})") from None
+        if not isinstance(arguments, dict):
+            raise ValueError(f"{where}: tool call {number} ({function['name']}) arguments must be a JSON object, "
+                             f"got {type(arguments).__name__}")
+        call = _without_none(call)
+        call["type"] = call.get("type", "function")
+        call["function"] = {**_without_none(function), "arguments": arguments}
+        out.append(call)
+    return out
 
 
 def _tool_calls_from_value(value: str) -> list[dict]:
@@ -116,13 +157,22 @@ def _openai_messages(messages: Any) -> list[dict]:
         role = message.get("role")
         if role not in ROLES:
             raise ValueError(f"message {index} has unknown role {role!r} (expected one of {', '.join(ROLES)})")
-        message = dict(message)
+        message = _without_none(message)
+        if "tool_calls" in message:
+            if role != "assistant":
+                raise ValueError(f"message {index} ({role}) has tool_calls; only assistant turns call tools")
+            message["tool_calls"] = _tool_calls(message["tool_calls"], f"message {index}")
+            if not message["tool_calls"]:
+                del message["tool_calls"]
         # OpenAI tool-call turns carry content null; templates expect a string.
-        if message.get("content") is None and role == "assistant" and message.get("tool_calls"):
+        if "content" not in message and message.get("tool_calls"):
             message["content"] = ""
         if not isinstance(message.get("content"), str):
             raise ValueError(f"message {index} ({role}) has non-string content "
                              f"{type(message.get('content')).__name__}")
+        reasoning = message.get("reasoning_content")
+        if reasoning is not None and not isinstance(reasoning, str):
+            raise ValueError(f"message {index} ({role}) has non-string reasoning_content {type(reasoning).__name__}")
         out.append(message)
     return out
 
@@ -130,22 +180,26 @@ def _openai_messages(messages: Any) -> list[dict]:
 def _sharegpt_messages(turns: Any) -> list[dict]:
     if not isinstance(turns, list):
         raise ValueError(f"\"conversations\" must be a list, got {type(turns).__name__}")
+    if turns and all(isinstance(t, dict) and "from" not in t and "role" in t for t in turns):
+        return _openai_messages(turns)  # some sets name OpenAI-style messages "conversations"
     out = []
     for index, turn in enumerate(turns):
         if not isinstance(turn, dict):
-            raise ValueError(f"turn {index} is not an object")
+            hint = " (LIMA-style lists of strings: set data.source=lima)" if isinstance(turn, str) else ""
+            raise ValueError(f"turn {index} is not an object{hint}")
         speaker = turn.get("from")
-        if speaker not in SHAREGPT_ROLES:
+        role = SHAREGPT_ROLES.get(speaker.lower()) if isinstance(speaker, str) else None
+        if role is None:
             raise ValueError(f"turn {index} has unknown role \"from\": {speaker!r} "
                              f"(expected one of {', '.join(SHAREGPT_ROLES)})")
         value = turn.get("value")
         if not isinstance(value, str):
             raise ValueError(f"turn {index} ({speaker}) has non-string value {type(value).__name__}")
-        message = {k: v for k, v in turn.items() if k not in ("from", "value")}
-        message["role"] = SHAREGPT_ROLES[speaker]
-        if speaker == "function_call":
+        message = {k: v for k, v in turn.items() if k not in ("from", "value") and v is not None}
+        message["role"] = role
+        if speaker.lower() == "function_call":
             try:
-                message["tool_calls"] = _tool_calls_from_value(value)
+                message["tool_calls"] = _tool_calls(_tool_calls_from_value(value), f"turn {index}")
             except (json.JSONDecodeError, ValueError) as error:
                 raise ValueError(f"turn {index}: {error}") from None
             message["content"] = ""
@@ -155,63 +209,160 @@ def _sharegpt_messages(turns: Any) -> list[dict]:
     return out
 
 
-def _normalize_row(row: Any) -> dict:
-    """One JSONL row -> a record; ValueError(reason) when malformed."""
+def _tools(tools: Any) -> list[dict] | None:
+    # LLaMA-Factory's ShareGPT layout stores the schemas as a JSON string.
+    if tools is None or tools == "":
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"\"tools\" is a string that is not valid JSON ({error.msg})") from None
+    if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
+        raise ValueError("\"tools\" must be a list of function schemas (objects)")
+    return tools or None
+
+
+def normalize_row(row: Any) -> dict:
+    """One OpenAI or ShareGPT row -> a record; ValueError(reason) when malformed."""
     if not isinstance(row, dict):
         raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-    if "messages" in row:
+    if row.get("messages") is not None:
         messages = _openai_messages(row["messages"])
-    elif "conversations" in row:
+    elif row.get("conversations") is not None:
         messages = _sharegpt_messages(row["conversations"])
     else:
         raise ValueError("missing messages (expected a \"messages\" list or ShareGPT \"conversations\")")
     system = row.get("system")
-    if system is not None:
+    if system is not None and system != "":
         if not isinstance(system, str):
             raise ValueError(f"top-level \"system\" must be a string, got {type(system).__name__}")
         if messages and messages[0]["role"] == "system":
             raise ValueError("has both a top-level \"system\" and a system message; keep one")
         messages = [{"role": "system", "content": system}] + messages
+    return finish_record(messages, _tools(row.get("tools")))
+
+
+def finish_record(messages: list[dict], tools: list[dict] | None = None) -> dict:
+    """The record of normalized messages; ValueError when there is nothing to train on."""
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError("no assistant turn (nothing to train on)")
-    return {"messages": messages}
+    record: dict = {"messages": messages}
+    if tools:
+        record["tools"] = tools
+    return record
 
 
-def read_jsonl_conversations(path: Path, max_bad_fraction: float = 0.01) -> list[dict]:
-    """OpenAI or ShareGPT JSONL -> records. Malformed rows are skipped (with a printed count) when they are
-    at most `max_bad_fraction` of the rows; more than that raises DataError listing them by file:line."""
-    path = Path(path)
+# ---------------------------------------------------------------------------------------------- rows
+
+
+@dataclass
+class BadRow:
+    """A row that could not even be parsed."""
+
+    reason: str
+
+
+Row = tuple[str, Any]  # (where it is: "file:line" or "file row N", the raw row or a BadRow)
+
+
+def jsonl_rows(path: Path) -> Iterator[Row]:
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise DataError(f"{path}: cannot read ({error.strerror}); check --data-path") from None
     except UnicodeDecodeError as error:
         raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); "
                         f"re-encode the file as UTF-8") from None
-    records: list[dict] = []
-    bad: list[tuple[Path, int, str]] = []
-    rows = 0
-    for number, line in enumerate(lines, start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        rows += 1
         try:
-            records.append(_normalize_row(json.loads(line)))
+            yield f"{path}:{number}", json.loads(line)
         except json.JSONDecodeError as error:
-            bad.append((path, number, f"bad JSON ({error.msg} at column {error.colno})"))
+            yield f"{path}:{number}", BadRow(f"bad JSON ({error.msg} at column {error.colno})")
+
+
+def parquet_rows(path: Path) -> Iterator[Row]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as error:
+        raise DataError(f"{path}: not a readable parquet file ({error})") from None
+    number = 0
+    for batch in table.iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            number += 1
+            yield f"{path} row {number}", row
+
+
+def file_rows(path: Path) -> Iterator[Row]:
+    if path.suffix == ".parquet":
+        return parquet_rows(path)
+    if path.suffix == ".jsonl":
+        return jsonl_rows(path)
+    raise DataError(f"{path}: expected a .jsonl or .parquet file, a `datasets` save_to_disk folder, or a folder "
+                    f"with {TRAIN_FILE} and {VALIDATION_FILE}")
+
+
+def dataset_rows(dataset: Any, where: str) -> Iterator[Row]:
+    """Rows of a datasets.Dataset (save_to_disk or hub)."""
+    for number, row in enumerate(dataset, start=1):
+        yield f"{where} row {number}", row
+
+
+@dataclass
+class Part:
+    """Rows of one file or split, with the converter that turns each into a record."""
+
+    split: str  # "train" or "validation" when the source has its own splits, else "all"
+    where: str
+    rows: Iterable[Row]
+    convert: Callable[[Any], dict] = normalize_row
+
+
+@dataclass
+class Loaded:
+    records: list[dict]
+    rows: int
+    skipped: int
+
+
+def normalize_rows(rows: Iterable[Row], where: str, convert: Callable[[Any], dict] = normalize_row,
+                   max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION) -> Loaded:
+    """Rows -> records. Malformed rows are skipped (with a printed count) when they are at most
+    `max_bad_fraction` of the rows; more than that raises DataError listing them by file:line (or row)."""
+    records: list[dict] = []
+    bad: list[tuple[str, str]] = []
+    count = 0
+    for location, raw in rows:
+        count += 1
+        if isinstance(raw, BadRow):
+            bad.append((location, raw.reason))
+            continue
+        try:
+            records.append(convert(raw))
         except ValueError as error:
-            bad.append((path, number, str(error)))
-    if rows == 0:
-        raise DataError(f"{path}: no rows; expected one JSON conversation per line "
+            bad.append((location, str(error)))
+    if count == 0:
+        raise DataError(f"{where}: no rows; expected one conversation per row "
                         f"({{\"messages\": [...]}} or {{\"conversations\": [...]}})")
-    shown = "\n".join(f"  {f}:{n}: {reason}" for f, n, reason in bad[:SHOWN_BAD_ROWS])
+    shown = "\n".join(f"  {location}: {reason}" for location, reason in bad[:SHOWN_BAD_ROWS])
     more = f"\n  ... and {len(bad) - SHOWN_BAD_ROWS} more" if len(bad) > SHOWN_BAD_ROWS else ""
-    if len(bad) > max_bad_fraction * rows:
-        raise DataError(f"{path}: {len(bad)} of {rows} rows are malformed (more than "
-                        f"{max_bad_fraction:.0%} allowed); fix or remove them:\n{shown}{more}")
+    if len(bad) > max_bad_fraction * count:
+        raise DataError(f"{where}: {len(bad)} of {count} rows are malformed (more than {max_bad_fraction:.0%} "
+                        f"allowed by data.max_bad_fraction); fix or remove them:\n{shown}{more}")
     if bad:
-        print(f"warning: {path}: skipped {len(bad)} malformed of {rows} rows:\n{shown}{more}", file=sys.stderr)
-    return records
+        print(f"warning: {where}: skipped {len(bad)} malformed of {count} rows:\n{shown}{more}", file=sys.stderr)
+    return Loaded(records, count, len(bad))
+
+
+def read_jsonl_conversations(path: Path, max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION) -> list[dict]:
+    """OpenAI or ShareGPT JSONL -> records (see normalize_rows for malformed rows)."""
+    path = Path(path)
+    return normalize_rows(jsonl_rows(path), str(path), max_bad_fraction=max_bad_fraction).records
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
@@ -245,7 +396,100 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return records
 
 
+# ---------------------------------------------------------------------------------------------- local copies
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a source keeps its splits: file globs inside a folder (the first glob that matches wins) and split
+    names inside a saved DatasetDict. No validation entry: the flow makes a seeded split of the training rows."""
+
+    train_files: tuple[str, ...]
+    validation_files: tuple[str, ...] = ()
+    train_splits: tuple[str, ...] = ("train", "training")
+    validation_splits: tuple[str, ...] = ("validation", "valid", "test")
+    require_validation_file: bool = False
+
+
+GENERIC_LAYOUT = Layout(train_files=(TRAIN_FILE, "training.parquet"),
+                        validation_files=(VALIDATION_FILE, "validation.parquet"), require_validation_file=True)
+
+
+def is_saved_dataset(folder: Path) -> bool:
+    """A folder written by datasets' save_to_disk (a Dataset or a DatasetDict)."""
+    return (folder / "dataset_dict.json").is_file() or (
+        (folder / "state.json").is_file() and (folder / "dataset_info.json").is_file())
+
+
+def _first_glob(folder: Path, patterns: tuple[str, ...]) -> list[Path]:
+    for pattern in patterns:
+        found = sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix in DATA_SUFFIXES)
+        if found:
+            return found
+    return []
+
+
+def dataset_dict_parts(loaded: Any, where: str, layout: Layout, convert: Callable[[Any], dict]) -> list[Part]:
+    """Parts of a datasets.Dataset or DatasetDict, its splits picked by `layout`."""
+    import datasets
+
+    if isinstance(loaded, datasets.Dataset):
+        return [Part("all", where, dataset_rows(loaded, where), convert)]
+    train_name = next((name for name in layout.train_splits if name in loaded), None)
+    if train_name is None:
+        raise DataError(f"{where}: no training split; it has {', '.join(loaded) or 'none'}, expected one of "
+                        f"{', '.join(layout.train_splits)}")
+    validation_name = next((name for name in layout.validation_splits if name in loaded), None)
+    train_where = f"{where}[{train_name}]"
+    if validation_name is None:
+        return [Part("all", train_where, dataset_rows(loaded[train_name], train_where), convert)]
+    validation_where = f"{where}[{validation_name}]"
+    return [Part("train", train_where, dataset_rows(loaded[train_name], train_where), convert),
+            Part("validation", validation_where, dataset_rows(loaded[validation_name], validation_where), convert)]
+
+
+def local_parts(path: Path, layout: Layout = GENERIC_LAYOUT, convert: Callable[[Any], dict] = normalize_row,
+                setting: str = "--data-path") -> list[Part]:
+    """A file (all rows, split by seed), a save_to_disk folder, or a folder laid out as `layout` says."""
+    path = path.expanduser()
+    if path.is_file():
+        return [Part("all", str(path), file_rows(path), convert)]
+    if not path.is_dir():
+        raise DataError(f"{setting} {path}: no such file or folder")
+    if is_saved_dataset(path):
+        import datasets
+
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except Exception as error:  # datasets raises several unrelated types for a damaged folder
+            raise DataError(f"{path}: not a readable `datasets` save_to_disk folder ({error})") from None
+        return dataset_dict_parts(loaded, str(path), layout, convert)
+    train = _first_glob(path, layout.train_files)
+    if not train:
+        raise DataError(f"{setting} {path}: no data found; expected a `datasets` save_to_disk folder or "
+                        f"{' or '.join(layout.train_files)} in it (or point {setting} at one .jsonl or "
+                        f".parquet file)")
+    validation = _first_glob(path, layout.validation_files)
+    if not validation and layout.require_validation_file:
+        raise DataError(f"{path / layout.validation_files[0]}: missing; a data folder must hold both {TRAIN_FILE} "
+                        f"and {VALIDATION_FILE} (or point {setting} at one .jsonl file)")
+    split = "train" if validation else "all"
+    parts = [Part(split, str(file), file_rows(file), convert) for file in train]
+    return parts + [Part("validation", str(file), file_rows(file), convert) for file in validation]
+
+
 # ---------------------------------------------------------------------------------------------- splits
+
+
+@dataclass
+class Splits:
+    train: list[dict]
+    validation: list[dict]
+    origin: str  # where the conversations came from, for logs and manifests
+    seeded: bool  # True: split by data.seed; False: the source's own training and validation splits
+    rows: int = 0  # rows read (0 for the built-in corpus)
+    skipped: int = 0  # malformed rows skipped
+    files: list[str] = field(default_factory=list)
 
 
 def _with_system_prompt(records: list[dict], system_prompt: str | None) -> list[dict]:
@@ -265,43 +509,87 @@ def _not_enough(where: str, have: int, wanted: int, settings: str) -> DataError:
                      f"or add data")
 
 
-def load_splits(path: str | None, source: str, num_train: int, num_validation: int, seed: int,
-                system_prompt: str | None) -> tuple[list[dict], list[dict]]:
-    """(train, validation) records. Deterministic: the same inputs give identical outputs."""
+def source_names() -> tuple[str, ...]:
+    from qatflow.datasets_public import PUBLIC_SETS
+
+    return BUILTIN_SOURCES + tuple(PUBLIC_SETS)
+
+
+def _parts(path: str | None, source: str) -> list[Part]:
+    from qatflow import datasets_public
+
+    if source in datasets_public.PUBLIC_SETS:
+        return datasets_public.parts(source, path)
+    if source not in BUILTIN_SOURCES:
+        raise DataError(f"data.source={source!r} is not a known source; choose one of {', '.join(source_names())}")
     if path is None:
-        if source not in BUILTIN_SOURCES:
-            raise DataError(f"data.source={source!r} is not a built-in source; choose one of "
-                            f"{', '.join(BUILTIN_SOURCES)} or set --data-path")
-        records = read_chitchat()
-        where = f"data.source={source}"
+        return []
+    return local_parts(Path(path))
+
+
+def load_splits(path: str | None, source: str, num_train: int, num_validation: int, seed: int,
+                system_prompt: str | None, max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION) -> Splits:
+    """Training and validation records. Deterministic: the same inputs give identical outputs.
+
+    A source with its own validation split keeps it (the first rows of each, in order); otherwise the records
+    are shuffled with `seed` and split."""
+    parts = _parts(path, source)
+    if not parts:  # the built-in corpus
+        loaded = {"all": Loaded(read_chitchat(), 0, 0)}
+        where = {"all": f"data.source={source}"}
     else:
-        data_path = Path(path).expanduser()
-        if data_path.is_dir():
-            files = {name: data_path / name for name in (TRAIN_FILE, VALIDATION_FILE)}
-            for name, file in files.items():
-                if not file.is_file():
-                    raise DataError(f"{file}: missing; a data folder must hold both {TRAIN_FILE} and "
-                                    f"{VALIDATION_FILE} (or point --data-path at one .jsonl file)")
-            train = read_jsonl_conversations(files[TRAIN_FILE])
-            validation = read_jsonl_conversations(files[VALIDATION_FILE])
-            if len(train) < num_train:
-                raise _not_enough(str(files[TRAIN_FILE]), len(train), num_train, "data.num_train")
-            if len(validation) < num_validation:
-                raise _not_enough(str(files[VALIDATION_FILE]), len(validation), num_validation,
-                                  "data.num_validation")
-            return (_with_system_prompt(train[:num_train], system_prompt),
-                    _with_system_prompt(validation[:num_validation], system_prompt))
-        if not data_path.is_file():
-            raise DataError(f"--data-path {path}: no such file or folder")
-        if data_path.suffix != ".jsonl":
-            raise DataError(f"--data-path {path}: expected a .jsonl file or a folder with {TRAIN_FILE} and "
-                            f"{VALIDATION_FILE}")
-        records = read_jsonl_conversations(data_path)
-        where = str(data_path)
+        loaded, where = {}, {}
+        for part in parts:
+            result = normalize_rows(part.rows, part.where, part.convert, max_bad_fraction)
+            if part.split in loaded:
+                previous = loaded[part.split]
+                result = Loaded(previous.records + result.records, previous.rows + result.rows,
+                                previous.skipped + result.skipped)
+                where[part.split] += f" + {part.where}"
+            else:
+                where[part.split] = part.where
+            loaded[part.split] = result
+    rows = sum(item.rows for item in loaded.values())
+    skipped = sum(item.skipped for item in loaded.values())
+    files = [part.where for part in parts]
+    if "all" not in loaded:
+        train, validation = loaded["train"].records, loaded["validation"].records
+        if len(train) < num_train:
+            raise _not_enough(where["train"], len(train), num_train, "data.num_train")
+        if len(validation) < num_validation:
+            raise _not_enough(where["validation"], len(validation), num_validation, "data.num_validation")
+        return Splits(_with_system_prompt(train[:num_train], system_prompt),
+                      _with_system_prompt(validation[:num_validation], system_prompt),
+                      origin=f"{where['train']} (training), {where['validation']} (validation)", seeded=False,
+                      rows=rows, skipped=skipped, files=files)
+    records = loaded["all"].records
     wanted = num_train + num_validation
     if len(records) < wanted:
-        raise _not_enough(where, len(records), wanted, "data.num_train or data.num_validation")
+        raise _not_enough(where["all"], len(records), wanted, "data.num_train or data.num_validation")
     random.Random(seed).shuffle(records)
     validation = records[:num_validation]
     train = records[num_validation:wanted]
-    return _with_system_prompt(train, system_prompt), _with_system_prompt(validation, system_prompt)
+    return Splits(_with_system_prompt(train, system_prompt), _with_system_prompt(validation, system_prompt),
+                  origin=where["all"], seeded=True, rows=rows, skipped=skipped, files=files)
+
+
+def split_summary(records: list[dict]) -> dict:
+    """Conversation shape of a split, computed without a tokenizer (00_data runs before the model is imported):
+    turns, tool use, reasoning, and character lengths. Token counts are logged where tokenization happens."""
+    if not records:
+        return {"conversations": 0}
+    chars = sorted(sum(len(m.get("content", "")) + len(m.get("reasoning_content", "")) for m in r["messages"])
+                   for r in records)
+    assistant = [sum(m["role"] == "assistant" for m in r["messages"]) for r in records]
+    return {
+        "conversations": len(records),
+        "assistant_turns_mean": round(sum(assistant) / len(records), 2),
+        "with_system": sum(r["messages"][0]["role"] == "system" for r in records),
+        "with_tools": sum(bool(r.get("tools")) for r in records),
+        "with_tool_calls": sum(any(m.get("tool_calls") for m in r["messages"]) for r in records),
+        "with_reasoning": sum(any(m.get("reasoning_content") or "</think>" in m.get("content", "")
+                                  for m in r["messages"] if m["role"] == "assistant") for r in records),
+        "chars_p50": chars[len(chars) // 2],
+        "chars_p95": chars[min(len(chars) - 1, int(0.95 * len(chars)))],
+        "chars_max": chars[-1],
+    }

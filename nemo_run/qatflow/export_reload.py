@@ -38,13 +38,41 @@ def _load_state(export_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+NVFP4_SCALE_DIVISOR = 6.0 * 448.0  # FP4 max x FP8 max
+
+
+def kernel_amax(input_scale: torch.Tensor) -> torch.Tensor | None:
+    """An amax for which ModelOpt's NVFP4 op, computing amax * float32(1/2688), uses exactly `input_scale` as
+    the global scale; None when no nearby float does (checkpoints whose scales were not aligned at PTQ)."""
+    target = input_scale.detach().float().reshape(()).cpu()
+    inverse = torch.tensor(1.0, dtype=torch.float32) / NVFP4_SCALE_DIVISOR
+    guess = target * NVFP4_SCALE_DIVISOR
+    candidates, up, down = [guess], guess, guess
+    for _ in range(16):
+        up, down = torch.nextafter(up, torch.tensor(float("inf"))), torch.nextafter(down, torch.tensor(float("-inf")))
+        candidates += [up, down]
+    return next((c for c in candidates if torch.equal(c * inverse, target)), None)
+
+
 def _input_fake_quant_hook(input_scale: torch.Tensor):
+    """Fake-quantize a layer's input with the exported input_scale as its global scale, as a deployment does.
+
+    Through ModelOpt's own op where an amax gives exactly that scale, so the reload runs the student's very
+    kernel (Triton on GPU); otherwise through the pure-PyTorch quantizer given the scale itself."""
+    from modelopt.torch.quantization import tensor_quant
+
     from qatflow.nvfp4_cpu import fake_quant_nvfp4
+
+    amax = kernel_amax(input_scale)
 
     def hook(module, args):
         (x, *rest) = args
-        # The exported input_scale is the global scale a deployment uses: apply it as it is.
-        return (fake_quant_nvfp4(x, None, BLOCK_SIZE, global_scale=input_scale.to(x.device)), *rest)
+        if amax is not None:
+            # NVFP4: 4-bit E2M1 values, 8-bit E4M3 block scales, blocks of 16.
+            quantized = tensor_quant.dynamic_block_quantize_op(x, BLOCK_SIZE, amax.to(x.device), 4, 2, 8, 4)
+        else:
+            quantized = fake_quant_nvfp4(x, None, BLOCK_SIZE, global_scale=input_scale.to(x.device))
+        return (quantized, *rest)
 
     return hook
 

@@ -36,8 +36,17 @@ def preflight(config: FlowConfig) -> None:
     if name.endswith(".gguf") and importlib.util.find_spec("gguf") is None:
         raise ConfigError("GGUF models need the `gguf` package: pip install gguf")
 
-    device = resolve_device(config.run.device)
-    if device == "cuda":
+    if config.run.executor == "slurm":
+        from qatflow.slurm import check_profile
+
+        # The jobs' devices are the cluster's, not this machine's.
+        cluster_device = "cuda" if check_profile(config).gpus else "cpu"
+        if config.run.device == "cuda" and cluster_device == "cpu":
+            raise ConfigError("run.device=cuda but the Slurm profile has gpus: false; use --device cpu or auto")
+        device = cluster_device if config.run.device == "auto" else config.run.device
+    else:
+        device = resolve_device(config.run.device)
+    if device == "cuda" and config.run.executor == "local":
         import torch
 
         if not torch.cuda.is_available():

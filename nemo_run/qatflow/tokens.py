@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
-from qatflow.chat import TokenizedConversation, check_mask_share, mask_statistics, tokenize_conversation
+from qatflow.chat import (TokenizedConversation, check_mask_share, check_template_tokens, describe_statistics,
+                          mask_statistics, tokenize_conversation)
 from qatflow.data import read_jsonl
 
 SPLIT_FILES = {"train": "training.jsonl", "validation": "validation.jsonl"}
@@ -19,10 +20,16 @@ def read_split(data_dir: Path, split: str, limit: int | None = None) -> list[dic
     return records[:limit] if limit is not None else records
 
 
-def tokenize_split(tokenizer, records: list[dict], max_len: int, split: str) -> list[TokenizedConversation]:
-    """Tokenize, then refuse a mask that supervises nothing or everything."""
-    items = [tokenize_conversation(tokenizer, record["messages"], max_len) for record in records]
-    check_mask_share(mask_statistics(items), split)
+def tokenize_split(tokenizer, records: list[dict], max_len: int, split: str,
+                   log: Callable[[str], None] = print) -> list[TokenizedConversation]:
+    """Tokenize, log the split's token statistics and supervised share, then refuse a mask that supervises
+    nothing or everything (mask_statistics(items) gives the same numbers for a stage's metrics)."""
+    check_template_tokens(tokenizer)
+    items = [tokenize_conversation(tokenizer, record["messages"], max_len, tools=record.get("tools"))
+             for record in records]
+    stats = mask_statistics(items)
+    log(describe_statistics(stats, split))
+    check_mask_share(stats, split)
     return items
 
 
@@ -62,3 +69,37 @@ def collate(items: list[TokenizedConversation], pad_id: int) -> Batch:
 def batches(items: list[TokenizedConversation], batch_size: int, pad_id: int) -> Iterator[Batch]:
     for start in range(0, len(items), batch_size):
         yield collate(items[start:start + batch_size], pad_id)
+
+
+@dataclass
+class PackedSequence(TokenizedConversation):
+    segments: list[int] = field(default_factory=list)  # token count of each conversation, in order
+
+    def position_ids(self) -> list[int]:
+        """Positions restarting at 0 for each conversation, for attention implementations that take them."""
+        return [position for length in self.segments for position in range(length)]
+
+
+def pack(items: list[TokenizedConversation], seq_len: int) -> list[PackedSequence]:
+    """Whole conversations packed first-fit into sequences of at most `seq_len` tokens, to spend no compute on
+    padding. Deterministic; a conversation longer than `seq_len` is truncated and fills a sequence by itself.
+    Masks travel with their tokens; the first token of each conversation is never supervised, so no target is
+    predicted across a conversation boundary. Attention does cross conversations unless the model is given
+    position_ids() with an attention kernel that honours them."""
+    if seq_len <= 0:
+        raise ValueError(f"pack: seq_len={seq_len} must be positive")
+    packed: list[PackedSequence] = []
+    for item in items:
+        ids, mask = item.input_ids[:seq_len], item.loss_mask[:seq_len]
+        if not ids:
+            continue
+        target = next((row for row in packed if len(row.input_ids) + len(ids) <= seq_len), None)
+        if target is None:
+            target = PackedSequence(input_ids=[], loss_mask=[])
+            packed.append(target)
+        target.input_ids += ids
+        target.loss_mask += [0] + mask[1:]
+        target.segments.append(len(ids))
+    for row in packed:
+        row.full_length = len(row.input_ids)
+    return packed

@@ -21,7 +21,7 @@ def run(ctx: StageContext) -> dict:
     if model_stage != "01_import":
         reference, _ = backend.load_model(ctx.inputs["01_import"], config, device)
     records = read_split(ctx.inputs["00_data"], "validation", config.eval.num_samples)
-    items = tokenize_split(tokenizer, records, config.eval.seq_len, "validation")
+    items = tokenize_split(tokenizer, records, config.eval.seq_len, "validation", log=ctx.log)
     ctx.log(f"scoring {model_stage} on {len(items)} held-out conversations on {device}")
     metrics = score(model, items, config.eval.batch_size, tokenizer.pad_token_id, device,
                     backend.compute_dtype(config, device), reference=reference, log=ctx.log)

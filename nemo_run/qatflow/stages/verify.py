@@ -23,7 +23,7 @@ def run(ctx: StageContext) -> dict:
     exported, info = load_exported_model(export_dir, device)
     student, tokenizer = backend.load_model(ctx.inputs["03_train"], config, device)
     records = read_split(ctx.inputs["00_data"], "validation", config.eval.num_samples)
-    items = tokenize_split(tokenizer, records, config.eval.seq_len, "validation")
+    items = tokenize_split(tokenizer, records, config.eval.seq_len, "validation", log=ctx.log)
     ctx.log(f"reloaded {info['quantized_layers']} NVFP4 layers; scoring against the trained student")
     metrics = score(exported, items, config.eval.batch_size, tokenizer.pad_token_id, device,
                     backend.compute_dtype(config, device), reference=student, log=ctx.log)

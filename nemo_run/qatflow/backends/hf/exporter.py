@@ -31,6 +31,14 @@ def bake_quantized_weights(model) -> int:
     return baked
 
 
+def cast_parameters(model, dtype: torch.dtype) -> None:
+    """Store every parameter in the export dtype; ModelOpt's export casts only the quantized layers and would ship
+    fp32 embeddings and norms from fp32 master weights. Quantizer amax buffers keep their fp32 values."""
+    for parameter in model.parameters():
+        parameter.data = parameter.data.to(dtype)
+    model.config.torch_dtype = dtype
+
+
 def export(ctx: StageContext) -> dict:
     from modelopt.torch.export import export_hf_checkpoint
 
@@ -41,9 +49,11 @@ def export(ctx: StageContext) -> dict:
     tokenizer = load_tokenizer(model_dir)
     target = ctx.out_dir / CHECKPOINT_SUBDIR
     ctx.log(f"exporting unified HF checkpoint ({config.ptq.algorithm}, {config.export.dtype}) to {target}")
+    dtype = DTYPES[config.export.dtype]
     with torch.no_grad():
         baked = bake_quantized_weights(model)
-        export_hf_checkpoint(model, dtype=DTYPES[config.export.dtype], export_dir=target)
+        cast_parameters(model, dtype)
+        export_hf_checkpoint(model, dtype=dtype, export_dir=target)
     tokenizer.save_pretrained(target)  # tokenizer and chat template ship with the weights
     quant = json.loads((target / QUANT_CONFIG).read_text()) if (target / QUANT_CONFIG).is_file() else {}
     quantization = quant.get("quantization", {})

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from qatflow import paths
 from qatflow.backends.hf.modeling import DTYPES, save_model
-from qatflow.chat import apply_template_override
+from qatflow.chat import apply_template_override, check_template_tokens
 from qatflow.stages.runner import StageContext
 
 
@@ -47,6 +47,7 @@ def import_model(ctx: StageContext) -> dict:
     if not tokenizer.chat_template:
         raise ValueError(f"{config.model.name} has no chat template: pass --chat-template with a file or a "
                          f"template shipped in chat_templates/")
+    check_template_tokens(tokenizer)  # a template of another model family fails here, not silently in training
     if not model.config.architectures:
         model.config.architectures = [type(model).__name__]  # unset after a GGUF load; export needs it
     model.generation_config.eos_token_id = tokenizer.eos_token_id

@@ -100,7 +100,7 @@ def quantize(ctx: StageContext) -> dict:
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, dtype, device, config.model.trust_remote_code).eval()
     records = read_split(ctx.inputs["00_data"], "train", config.ptq.calib_samples)
-    items = tokenize_split(tokenizer, records, config.ptq.calib_seq_len, "calibration")
+    items = tokenize_split(tokenizer, records, config.ptq.calib_seq_len, "calibration", log=ctx.log)
     calib_tokens = sum(len(item.input_ids) for item in items)
     ctx.log(f"calibrating {config.ptq.algorithm} on {len(items)} conversations ({calib_tokens} tokens) on {device}")
 

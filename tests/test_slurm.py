@@ -1,0 +1,342 @@
+"""--executor slurm: profile checks and sbatch scripts without a cluster, then the tiny flow as dependent jobs on a
+real single-node Slurm (munged, mariadbd, slurmdbd, slurmctld, slurmd) that slurm/local-cluster.sh starts and
+stops."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ENTRY, REPO, run_flow
+
+from qatflow import cli, slurm
+from qatflow.config import ConfigError
+from qatflow.stages import BY_NAME, STAGE_NAMES
+
+CLUSTER_SCRIPT = REPO / "slurm" / "local-cluster.sh"
+DAEMONS = ("slurmd", "slurmctld", "slurmdbd", "mariadbd", "munged")
+SECRET = "hf_not_a_real_token_0123456789"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Without a cluster
+
+
+def _profile(tmp_path: Path, **changes) -> Path:
+    data = yaml.safe_load((REPO / "slurm" / "local.yaml").read_text())
+    for key, value in changes.items():
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    path = tmp_path / "profile.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_dry_run_with_a_pyxis_profile_prints_the_sbatch_scripts(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    result = run_flow("--use-slurm", "--slurm-profile", "pyxis-nemo", "--log-dir", "/lustre/fsw/qatflow/logs",
+                      "--distill", "--dry-run", "--backend", "nemo", "--train-gpus", "8", "--train-nodes", "2",
+                      "--tensor-parallelism", "2", "--pipeline-parallelism", "2", "--ptq-gpus", "4",
+                      "--set", "train.global_batch_size=32", "--set", "train.micro_batch_size=2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    scripts = {}
+    for block in out.split("# ---- ")[1:]:
+        scripts[block.split(":", 1)[0]] = block
+    assert list(scripts) == list(STAGE_NAMES)
+    train = scripts["03_train"]
+    for line in ("#SBATCH --account=my_account", "#SBATCH --partition=batch", "#SBATCH --nodes=2",
+                 "#SBATCH --gpus-per-node=8", "#SBATCH --ntasks-per-node=8", "#SBATCH --exclusive",
+                 "#SBATCH --time=04:00:00", "#SBATCH --mail-type=END,FAIL",
+                 "--dependency=afterok:<00_data>:<01_import>:<02_ptq>",
+                 "--container-image nvcr.io/nvidia/nemo:25.09", "--container-mounts /lustre/fsw:/lustre/fsw,",
+                 "--container-workdir /nemo_run/code", "export PYTHONPATH=/nemo_run/code:",
+                 "export CUDA_DEVICE_MAX_CONNECTIONS=1", "export HF_HOME=/lustre/fsw/qatflow/hf_cache",
+                 "python -m nemo_run.core.runners.fdl_runner -n 03_train"):
+        assert line in train, line
+    assert "HF_TOKEN" in train.split("--container-env ")[1].split()[0]  # passed by name into the container
+    assert "#SBATCH --gpus-per-node=4" in scripts["02_ptq"] and "#SBATCH --nodes=1" in scripts["02_ptq"]
+    assert "#SBATCH --partition=cpu" in scripts["00_data"] and "gpus-per-node" not in scripts["00_data"]
+    assert "#SBATCH --cpus-per-task=8" in scripts["09_report"]
+    assert "/lustre/fsw/qatflow/jobs/qat_flow_ckpts/" in train  # the tunnel's job_dir on the cluster
+    assert SECRET not in out + result.stderr
+    assert not Path("/lustre").exists()  # a dry run writes nothing where the jobs would
+
+
+@pytest.mark.parametrize("changes, argv, message", [
+    ({"account": ""}, [], "account is empty"),
+    ({"tunnel.kind": "ssh", "tunnel.user": "me", "tunnel.job_dir": "/x"}, [], "tunnel.kind=ssh needs tunnel.host"),
+    ({"tunnel.kind": "ssh", "tunnel.host": "h", "tunnel.user": "me", "tunnel.job_dir": "rel"}, [],
+     "must be an absolute path"),
+    ({"tunnel.host": "login"}, [], "are for tunnel.kind=ssh"),
+    ({"tunnel.kind": "carrier-pigeon"}, [], "tunnel.kind='carrier-pigeon'"),
+    ({"train.time": "four hours"}, [], "train.time='four hours' is not a Slurm time"),
+    ({"packaging": "zip"}, [], "packaging='zip'"),
+    ({"secrets": ["HF_TOKEN=hf_abc"]}, [], "not a variable name; list names, never values"),
+    ({"secrets": ["HF_TOKEN"], "env": {"HF_TOKEN": "x"}}, [], "keep it in secrets only"),
+    ({"container.image": "nemo.sqsh", "container.mounts": ["/data:/data"]}, [], "the container does not see it"),
+    ({"container.image": "nemo.sqsh", "container.mounts": ["data"]}, [], "expected host_path:container_path"),
+    ({"gpus": True}, ["--backend", "nemo", "--train-gpus", "2", "--tensor-parallelism", "2",
+                      "--pipeline-parallelism", "2", "--train-nodes", "2", "--ptq-gpus", "4"],
+     "is below --tensor-parallelism 2"),
+    ({"gpus": False}, ["--backend", "nemo"], "gpus=false but --backend nemo needs GPUs"),
+    ({"nodes": 3}, [], "bad setting 'nodes'"),
+])
+def test_profile_errors_are_one_line_and_name_the_fix(tmp_path, changes, argv, message):
+    profile = _profile(tmp_path, **changes)
+    with pytest.raises(ConfigError, match=message) as error:
+        cli.load_config(["--executor", "slurm", "--slurm-profile", str(profile), "--log-dir", str(tmp_path), *argv])
+    assert "\n" not in str(error.value)
+
+
+def test_profile_is_required_and_environment_overrides_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("QATFLOW_SLURM_PROFILE", raising=False)
+    with pytest.raises(ConfigError, match="needs --slurm-profile"):
+        cli.load_config(["--executor", "slurm"])
+    with pytest.raises(ConfigError, match="no shipped profile of that name"):
+        cli.load_config(["--executor", "slurm", "--slurm-profile", "no_such_cluster"])
+    monkeypatch.setenv("QATFLOW_SLURM_PROFILE", "local")
+    monkeypatch.setenv("QATFLOW_SLURM_ACCOUNT", "other_account")
+    monkeypatch.setenv("QATFLOW_SLURM_PARTITION", "gpu")
+    config, _ = cli.load_config(["--use-slurm", "--log-dir", str(tmp_path)])
+    assert slurm.profile_path(config) == REPO / "slurm" / "local.yaml"
+    profile = slurm.load_profile(config)
+    assert profile.account == "other_account" and profile.ptq.partition == profile.cpu.partition == "gpu"
+
+
+def test_secrets_are_checked_before_queueing_and_reach_sbatch_by_name_only(tmp_path, monkeypatch):
+    profile = _profile(tmp_path, secrets=["QATFLOW_TEST_SECRET"])
+    config, _ = cli.load_config(["--use-slurm", "--slurm-profile", str(profile), "--log-dir", str(tmp_path)])
+    monkeypatch.delenv("QATFLOW_TEST_SECRET", raising=False)
+    with pytest.raises(ConfigError, match="secret QATFLOW_TEST_SECRET is not set in this environment"):
+        slurm.check_cluster(config, list(STAGE_NAMES))
+
+    # Over SSH, sbatch gets the value inline in its remote command, from this environment; other commands do not.
+    sent = []
+    monkeypatch.setattr(slurm.run.SSHTunnel, "run", lambda self, command, hide=True, warn=False, **kwargs:
+                        sent.append((command, kwargs.get("env"))))
+    monkeypatch.setenv(slurm.SECRETS_ENV, "QATFLOW_TEST_SECRET")
+    monkeypatch.setenv("QATFLOW_TEST_SECRET", "it's secret")
+    tunnel = slurm.SSHTunnel(host="login", user="me", job_dir="/jobs")
+    tunnel.run("sbatch --parsable /jobs/x_sbatch.sh")
+    tunnel.run("sacct -j 1")
+    assert sent == [("sbatch --parsable /jobs/x_sbatch.sh", {"QATFLOW_TEST_SECRET": "'it'\"'\"'s secret'"}),
+                    ("sacct -j 1", None)]
+    assert "secret" not in repr(tunnel.to_config())  # nothing of it in what nemo_run writes down
+
+
+def test_partitions_from_sinfo():
+    partitions = slurm.read_partitions("batch*|4:00:00|3|gpu:h100:8(S:0-1)\nbatch*|4:00:00|1|gpu:h100:8(S:0-1)\n"
+                                       "cpu|1-00:00:00|10|(null)\nlong|infinite|2|gpu:4,nic:1\n")
+    assert partitions["batch"].default and partitions["batch"].nodes == 4 and partitions["batch"].gpus_per_node == 8
+    assert partitions["batch"].time_limit == 4 * 3600 and partitions["cpu"].time_limit == 86400
+    assert partitions["cpu"].gpus_per_node == 0 and not partitions["cpu"].default
+    assert partitions["long"].time_limit is None and partitions["long"].gpus_per_node == 4
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# A real single-node cluster
+
+
+def _free_port_base(count: int = 4) -> int:
+    for base in range(17817, 40000, 10):
+        try:
+            sockets = []
+            for port in range(base, base + count):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError("no four free TCP ports")
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{proc.name}: {cmdline[:200]}")
+    return found
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """Starts the cluster with slurm/local-cluster.sh (installing the Debian packages if missing); stops exactly
+    the daemons it started and checks that nothing of it is left running."""
+    if os.geteuid() != 0:
+        pytest.skip("starting slurmctld, slurmd, slurmdbd, munged and mariadbd needs root")
+    # Under /tmp itself: the munge and mysql users must reach it (pytest's own folders are 0700).
+    state = Path(tempfile.mkdtemp(prefix="qatflow-slurm-", dir="/tmp"))
+    state.chmod(0o755)
+    home = Path(tempfile.mkdtemp(prefix="qatflow-nemorun-"))
+    env = {**os.environ, "QATFLOW_SLURM_STATE": str(state), "QATFLOW_SLURM_PORT_BASE": str(_free_port_base())}
+    up = subprocess.run(["bash", str(CLUSTER_SCRIPT), "up"], env=env, capture_output=True, text=True, timeout=900)
+    started = {}
+    for daemon in DAEMONS:
+        pid_file = state / "run" / f"{daemon}.pid"
+        if pid_file.is_file():
+            started[daemon] = int(pid_file.read_text().strip())
+    try:
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        assert set(DAEMONS) - {"munged"} <= set(started), started  # munged may be the machine's own
+        yield {"SLURM_CONF": str(state / "etc" / "slurm.conf"), "NEMORUN_HOME": str(home),
+               # jobs find this interpreter (and its nemo_run) first on the PATH they inherit from sbatch
+               "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    finally:
+        down = subprocess.run(["bash", str(CLUSTER_SCRIPT), "down"], env=env, capture_output=True, text=True,
+                              timeout=300)
+        alive = [f"{daemon} {pid}" for daemon, pid in started.items() if Path(f"/proc/{pid}").exists()]
+        leftovers = _processes_mentioning(str(state)) + _processes_mentioning("slurmstepd")
+        shutil.rmtree(state, ignore_errors=True)
+        shutil.rmtree(home, ignore_errors=True)
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert not alive, f"daemons still running after down: {alive}"
+        assert not leftovers, f"processes left running: {leftovers}"
+
+
+@pytest.fixture
+def cluster_env(slurm_cluster, monkeypatch):
+    for key, value in slurm_cluster.items():
+        monkeypatch.setenv(key, value)
+    return slurm_cluster
+
+
+def _sacct(job_ids: list[str]) -> dict[str, dict[str, str]]:
+    output = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,JobName,State,Submit,Start,End", "-j",
+                             ",".join(job_ids)], capture_output=True, text=True, check=True).stdout
+    rows = {}
+    for line in output.strip().splitlines():
+        job_id, name, state, submit, start, end = line.split("|")
+        rows[job_id] = {"name": name, "state": state, "submit": submit, "start": start, "end": end}
+    return rows
+
+
+def _job_ids(status_output: str) -> dict[str, tuple[str, str]]:
+    """stage -> (job id, state) from the table that --status prints."""
+    found = {}
+    for line in status_output.splitlines():
+        parts = line.split()
+        if parts and parts[0] in STAGE_NAMES and len(parts) >= 3:
+            found[parts[0]] = (parts[1], parts[2])
+    return found
+
+
+def test_cluster_answers_the_checks_before_queueing(cluster_env, tmp_path):
+    def check(argv=(), stages=STAGE_NAMES, **changes):
+        profile = _profile(tmp_path, **changes)
+        config, _ = cli.load_config(["--executor", "slurm", "--slurm-profile", str(profile),
+                                     "--log-dir", str(tmp_path), *argv])
+        slurm.check_cluster(config, list(stages))
+
+    check()  # the shipped local profile passes
+    for changes, message in [
+        ({"account": "nobody_s_account"}, "account 'nobody_s_account' is not one of user root's accounts"),
+        ({"ptq.partition": "gpu"}, "ptq.partition='gpu' is not a partition of the cluster; choose one of batch, cpu"),
+        ({"cpu.time": "02:00:00"}, "cpu.time=02:00:00 exceeds the time limit of partition cpu"),
+        ({"gpus": True}, "02_ptq asks for 1 GPU(s) per node but nodes of partition batch"),
+        ({"container.image": "nvcr.io/nvidia/nemo:25.09", "container.mounts": [f"{tmp_path}:{tmp_path}"]},
+         "no pyxis plugin"),
+    ]:
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            check(**changes)
+    config, _ = cli.load_config(["--executor", "slurm", "--slurm-profile", str(_profile(tmp_path, gpus=True)),
+                                 "--log-dir", str(tmp_path), "--backend", "nemo", "--train-nodes", "2",
+                                 "--set", "train.global_batch_size=8"])
+    with pytest.raises(ConfigError, match="--train-nodes 2: partition batch"):
+        slurm.check_cluster(config, ["03_train"])
+
+
+def test_tiny_flow_as_dependent_slurm_jobs(cluster_env, tiny_recipe, tmp_path):
+    args = ("--recipe", str(tiny_recipe), "--log-dir", str(tmp_path), "--experiment", "tiny",
+            "--executor", "slurm", "--slurm-profile", "local", "--set", "export.dtype=float32")
+    result = run_flow(*args)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    experiment = tmp_path / "tiny"
+    for stage in STAGE_NAMES:
+        assert (experiment / stage / "manifest.json").is_file(), stage
+    assert (experiment / "04_export" / "checkpoint" / "hf_quant_config.json").is_file()
+    assert "flow complete" in result.stdout
+
+    status = run_flow(*args, "--status")
+    assert status.returncode == 0, status.stdout + status.stderr
+    jobs = _job_ids(status.stdout)
+    assert {stage: state for stage, (_, state) in jobs.items()} == {stage: "SUCCEEDED" for stage in STAGE_NAMES}
+    rows = _sacct([job_id for job_id, _ in jobs.values()])
+    # One job per stage, all queued at once; Slurm held each until the jobs it depends on had ended (afterok).
+    parse = datetime.fromisoformat
+    for stage, (job_id, _) in jobs.items():
+        row = rows[job_id]
+        assert row["state"] == "COMPLETED" and row["name"] == f"qatflow-tiny.{stage}"
+        for dep in BY_NAME[stage].depends:
+            assert parse(row["start"]) >= parse(rows[jobs[dep][0]]["end"]), (stage, dep)
+    submits = [parse(row["submit"]) for row in rows.values()]
+    assert (max(submits) - min(submits)).total_seconds() < 30
+
+    again = run_flow(*args)  # complete stages are not queued again
+    assert again.returncode == 0 and "every stage is complete" in again.stdout
+
+
+def test_failed_stage_cancels_its_dependents_and_exits_nonzero(cluster_env, tiny_recipe, tmp_path):
+    bad = tmp_path / "bad.jsonl"  # exists at submit time; 00_data finds at run time that no row is a conversation
+    bad.write_text("".join(f"not a conversation {i}\n" for i in range(20)))
+    args = ("--recipe", str(tiny_recipe), "--log-dir", str(tmp_path), "--experiment", "broken",
+            "--executor", "slurm", "--slurm-profile", "local", "--data-path", str(bad))
+    result = run_flow(*args)
+    assert result.returncode == 1, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "stages without a complete result: 00_data, 02_ptq" in result.stderr
+    assert "malformed" in result.stdout  # the failed job's log tail
+
+    status = run_flow(*args, "--status")
+    assert status.returncode == 1, status.stdout + status.stderr
+    states = {stage: state for stage, (_, state) in _job_ids(status.stdout).items()}
+    dependents = [name for name in STAGE_NAMES if name not in ("00_data", "01_import")]
+    assert states == {"00_data": "FAILED", "01_import": "SUCCEEDED", **{name: "CANCELLED" for name in dependents}}
+    assert "FAILED exit 1:0" in status.stdout
+    log = run_flow(*args, "--logs", "00_data")
+    assert log.returncode == 0 and "[00_data" in log.stdout and "rows are malformed" in log.stdout
+
+
+def test_cancel_stops_a_submitted_experiment(cluster_env, tiny_recipe, tmp_path):
+    args = ["--recipe", str(tiny_recipe), "--log-dir", str(tmp_path), "--experiment", "cancelled",
+            "--executor", "slurm", "--slurm-profile", "local", "--set", "train.steps=400"]
+    driver = subprocess.Popen([sys.executable, str(ENTRY), *args], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        submissions = tmp_path / "cancelled" / "slurm" / "experiments" / "cancelled"
+        while time.time() < deadline and not list(submissions.glob("*/_DONE")):
+            time.sleep(0.5)
+        assert list(submissions.glob("*/_DONE")), "nothing was submitted"
+        cancel = run_flow(*args, "--cancel")
+        assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+        output, _ = driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 1, output[-3000:]
+    status = run_flow(*args, "--status")
+    states = {stage: state for stage, (_, state) in _job_ids(status.stdout).items()}
+    assert status.returncode == 1 and states["03_train"] == states["09_report"] == "CANCELLED", status.stdout
+    assert all(state in ("SUCCEEDED", "CANCELLED") for state in states.values()), states
