@@ -11,6 +11,16 @@ from qatflow.tokens import read_split, tokenize_split
 MODEL_STAGE = {"06_eval_bf16": "01_import", "07_eval_ptq": "02_ptq", "08_eval_trained": "03_train"}
 
 
+def score_held_out(ctx: StageContext, backend, model, tokenizer, reference) -> dict:
+    """The harness on the held-out split: `model`'s perplexity and its KL to `reference`."""
+    config = ctx.config
+    device = backend.device_of(config)
+    records = read_split(ctx.inputs["00_data"], "validation", config.eval.num_samples)
+    items = tokenize_split(tokenizer, records, config.eval.seq_len, "validation", log=ctx.log)
+    return score(model, items, config.eval.batch_size, tokenizer.pad_token_id, device,
+                 backend.compute_dtype(config, device), reference=reference, log=ctx.log)
+
+
 def run(ctx: StageContext) -> dict:
     config = ctx.config
     backend = get_backend(config.run.backend)
@@ -20,11 +30,8 @@ def run(ctx: StageContext) -> dict:
     reference = None
     if model_stage != "01_import":
         reference, _ = backend.load_model(ctx.inputs["01_import"], config, device)
-    records = read_split(ctx.inputs["00_data"], "validation", config.eval.num_samples)
-    items = tokenize_split(tokenizer, records, config.eval.seq_len, "validation", log=ctx.log)
-    ctx.log(f"scoring {model_stage} on {len(items)} held-out conversations on {device}")
-    metrics = score(model, items, config.eval.batch_size, tokenizer.pad_token_id, device,
-                    backend.compute_dtype(config, device), reference=reference, log=ctx.log)
+    ctx.log(f"scoring {model_stage} on {device}")
+    metrics = score_held_out(ctx, backend, model, tokenizer, reference)
     ctx.log(f"ppl assistant {metrics['ppl_assistant']:.3f} all {metrics['ppl_all']:.3f} "
             f"KL assistant {metrics['kl_assistant']:.4f} all {metrics['kl_all']:.4f}")
     return {"model_stage": model_stage, **metrics}

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from qatflow.backends import get_backend
-from qatflow.evaluation import score
 from qatflow.export_reload import load_exported_model, read_quant_config
+from qatflow.stages.evaluate import score_held_out
 from qatflow.stages.runner import StageContext
-from qatflow.tokens import read_split, tokenize_split
 
 CHECKPOINT_SUBDIR = "checkpoint"
 
@@ -22,11 +21,8 @@ def run(ctx: StageContext) -> dict:
         return {"verified": False, "reason": f"quant_algo {quant.get('quant_algo')} is not reloaded"}
     exported, info = load_exported_model(export_dir, device)
     student, tokenizer = backend.load_model(ctx.inputs["03_train"], config, device)
-    records = read_split(ctx.inputs["00_data"], "validation", config.eval.num_samples)
-    items = tokenize_split(tokenizer, records, config.eval.seq_len, "validation", log=ctx.log)
     ctx.log(f"reloaded {info['quantized_layers']} NVFP4 layers; scoring against the trained student")
-    metrics = score(exported, items, config.eval.batch_size, tokenizer.pad_token_id, device,
-                    backend.compute_dtype(config, device), reference=student, log=ctx.log)
+    metrics = score_held_out(ctx, backend, exported, tokenizer, reference=student)
     ctx.log(f"export vs student: KL assistant {metrics['kl_assistant']:.2e} all {metrics['kl_all']:.2e} nats/token; "
             f"export ppl assistant {metrics['ppl_assistant']:.3f}")
     return {"verified": True, "export_dir": str(export_dir), **info, **metrics}

@@ -107,7 +107,7 @@ def _micro_step(model, batch: Batch, config: FlowConfig, autocast_dtype, tokens_
     with torch.autocast("cuda", dtype=autocast_dtype, enabled=on_cuda and autocast_dtype != torch.float32):
         output = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     ce = _masked_ce(output.logits, batch) / tokens_in_step
-    parts = {"ce": float(ce)}
+    parts = {"ce": float(ce.detach())}
     if config.train.method == "qad":
         # Per-position KL [B, T]; position t is supervised when token t+1 is an assistant target.
         kd_mask = torch.zeros_like(batch.loss_mask, dtype=torch.float32)
@@ -118,11 +118,11 @@ def _micro_step(model, batch: Batch, config: FlowConfig, autocast_dtype, tokens_
 
         kd = model.compute_kd_loss(loss_reduction_fn=reduce)
         loss = kd + config.train.ce_weight * ce
-        parts["kd"] = float(kd)
+        parts["kd"] = float(kd.detach())
     else:
         loss = ce
     loss.backward()
-    parts["loss"] = float(loss)
+    parts["loss"] = float(loss.detach())
     return parts
 
 
