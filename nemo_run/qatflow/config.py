@@ -107,9 +107,9 @@ class ExportConfig:
 
 @dataclass
 class NemoConfig:
-    """Settings of the nemo backend. What NeMo defaults to GPU / Transformer Engine is a setting here; `cpu`
-    environments set accelerator cpu, precision 32, fusions, async save and the distributed optimizer off and
-    the local layer spec (see recipes/env_cpu.yaml)."""
+    """Settings of the nemo backend. What NeMo defaults to GPU / Transformer Engine is a setting here: a machine
+    without Transformer Engine needs layer_spec local and fusions off; a CPU also accelerator cpu, precision 32,
+    ckpt_async_save and use_distributed_optimizer off."""
 
     model_class: str = "LlamaModel"  # nemo.collections.llm.<model_class>
     config_class: Optional[str] = None  # nemo.collections.llm.<config_class>; None: read from the HF config
