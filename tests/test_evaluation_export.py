@@ -42,7 +42,8 @@ def test_score_matches_a_direct_computation(tiny_model):
 
 
 def test_aligned_global_scales_agree_between_kernel_and_export():
-    from qatflow.backends.hf.quantize import NVFP4_SCALE_DIVISOR, _exportable_amax
+    from qatflow.backends.hf.quantize import _exportable_amax
+    from qatflow.nvfp4_cpu import GLOBAL_SCALE_DIVISOR as NVFP4_SCALE_DIVISOR
 
     inverse = torch.tensor(1.0) / NVFP4_SCALE_DIVISOR
     amaxes = torch.rand(500, generator=torch.Generator().manual_seed(0)) * 40

@@ -38,20 +38,14 @@ def _load_state(export_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-NVFP4_SCALE_DIVISOR = 6.0 * 448.0  # FP4 max x FP8 max
-
-
 def kernel_amax(input_scale: torch.Tensor) -> torch.Tensor | None:
     """An amax for which ModelOpt's NVFP4 op, computing amax * float32(1/2688), uses exactly `input_scale` as
     the global scale; None when no nearby float does (checkpoints whose scales were not aligned at PTQ)."""
+    from qatflow.nvfp4_cpu import GLOBAL_SCALE_DIVISOR, kernel_global_scale, nearest_float_where
+
     target = input_scale.detach().float().reshape(()).cpu()
-    inverse = torch.tensor(1.0, dtype=torch.float32) / NVFP4_SCALE_DIVISOR
-    guess = target * NVFP4_SCALE_DIVISOR
-    candidates, up, down = [guess], guess, guess
-    for _ in range(16):
-        up, down = torch.nextafter(up, torch.tensor(float("inf"))), torch.nextafter(down, torch.tensor(float("-inf")))
-        candidates += [up, down]
-    return next((c for c in candidates if torch.equal(c * inverse, target)), None)
+    return nearest_float_where(target * GLOBAL_SCALE_DIVISOR,
+                               lambda candidate: torch.equal(kernel_global_scale(candidate), target))
 
 
 def _input_fake_quant_hook(input_scale: torch.Tensor):

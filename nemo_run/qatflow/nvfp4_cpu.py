@@ -55,6 +55,28 @@ _original_op: Callable[..., torch.Tensor] | None = None
 _lock = threading.Lock()
 
 
+GLOBAL_SCALE_DIVISOR = E2M1_MAX * E4M3_MAX  # NVFP4 global scale = amax / (6 * 448)
+
+
+def kernel_global_scale(amax: torch.Tensor) -> torch.Tensor:
+    """The global scale ModelOpt's fake-quant kernels use: amax times the float32 reciprocal of 6 * 448 (the
+    export instead divides, which can differ by one ulp)."""
+    inverse = torch.tensor(1.0, dtype=torch.float32) / GLOBAL_SCALE_DIVISOR
+    return amax.detach().float().reshape(()).cpu() * inverse
+
+
+def nearest_float_where(value: torch.Tensor, accept: Callable[[torch.Tensor], bool],
+                        ulps: int = 16) -> torch.Tensor | None:
+    """The float32 closest to `value` (within `ulps` steps either way) that `accept` takes, or None."""
+    value = value.detach().float().reshape(()).cpu()
+    candidates, up, down = [value], value, value
+    for _ in range(ulps):
+        up = torch.nextafter(up, torch.tensor(float("inf")))
+        down = torch.nextafter(down, torch.tensor(float("-inf")))
+        candidates += [up, down]
+    return next((candidate for candidate in candidates if accept(candidate)), None)
+
+
 def _round_to_e2m1(q: torch.Tensor) -> torch.Tensor:
     """Round non-negative float32 magnitudes half-to-even onto the E2M1 grid.
 

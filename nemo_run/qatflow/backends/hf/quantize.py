@@ -48,22 +48,14 @@ def share_fused_scales(model) -> None:
         requantize_resmooth_fused_llm_layers(model)
 
 
-NVFP4_SCALE_DIVISOR = 6.0 * 448.0  # FP4 max x FP8 max: global scale = amax / this
-
-
 def _exportable_amax(amax: torch.Tensor) -> torch.Tensor:
     """The float nearest `amax` whose NVFP4 global scale comes out the same both ways ModelOpt computes it:
     amax * float32(1/2688) in the fake-quant kernels, amax / 2688 in the export's input_scale/weight_scale_2."""
-    inverse = torch.tensor(1.0, dtype=torch.float32) / NVFP4_SCALE_DIVISOR
-    value = amax.detach().float().reshape(()).cpu()
-    candidates, up, down = [value], value, value
-    for _ in range(16):
-        up, down = torch.nextafter(up, torch.tensor(float("inf"))), torch.nextafter(down, torch.tensor(float("-inf")))
-        candidates += [up, down]
-    for candidate in candidates:
-        if torch.equal(candidate * inverse, candidate / NVFP4_SCALE_DIVISOR):
-            return candidate
-    return value
+    from qatflow.nvfp4_cpu import GLOBAL_SCALE_DIVISOR, kernel_global_scale, nearest_float_where
+
+    aligned = nearest_float_where(
+        amax, lambda candidate: torch.equal(kernel_global_scale(candidate), candidate / GLOBAL_SCALE_DIVISOR))
+    return aligned if aligned is not None else amax.detach().float().reshape(()).cpu()
 
 
 def align_global_scales(model) -> int:
