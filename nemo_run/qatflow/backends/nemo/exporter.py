@@ -1,0 +1,50 @@
+"""04_export for the nemo backend: the trained student (03_train's chosen checkpoint) restored with its quantizers
+and written by ModelOpt's Megatron -> Hugging Face unified exporter (`export_mcore_gpt_to_hf`), with the HF
+checkpoint 01_import converted from as the architecture template, and the tokenizer beside the weights.
+
+NeMo's own HF export paths are not used: `Quantizer.export(format="hf")` looks for a tokenizer in a folder that
+holds only config.json, and `llm.export_ckpt` restores ModelOpt state before the weights (calibrating amax on
+uninitialised memory).
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from qatflow.backends.hf.exporter import CHECKPOINT_SUBDIR, QUANT_CONFIG, bake_quantized_weights
+from qatflow.backends.hf.modeling import DTYPES, load_tokenizer
+from qatflow.backends.nemo import runtime
+from qatflow.stages.runner import StageContext
+
+
+def export(ctx: StageContext) -> dict:
+    from modelopt.torch.export import export_mcore_gpt_to_hf
+    from nemo.utils.model_utils import unwrap_model
+
+    from qatflow import nvfp4_cpu
+
+    config = ctx.config
+    nvfp4_cpu.install()
+    hf_template = runtime.hf_dir(ctx.inputs["01_import"])
+    model, _ = runtime.restore(runtime.nemo_checkpoint(ctx.inputs["03_train"]), config, "04_export")
+    core = unwrap_model(model.module)
+    core.eval()
+    target = ctx.out_dir / CHECKPOINT_SUBDIR
+    dtype = DTYPES[config.export.dtype]
+    ctx.log(f"export_mcore_gpt_to_hf ({config.ptq.algorithm}, {config.export.dtype}, template {hf_template}) "
+            f"-> {target}")
+    with torch.no_grad():
+        baked = bake_quantized_weights(core)
+        export_mcore_gpt_to_hf(core, pretrained_model_name_or_path=str(hf_template), dtype=dtype,
+                               export_dir=str(target))
+    load_tokenizer(hf_template).save_pretrained(target)  # tokenizer and chat template ship with the weights
+    quant = json.loads((target / QUANT_CONFIG).read_text()) if (target / QUANT_CONFIG).is_file() else {}
+    quantization = quant.get("quantization", {})
+    size = sum(p.stat().st_size for p in target.glob("*.safetensors"))
+    ctx.log(f"export: {size / 1e6:.1f} MB of safetensors, quant_algo {quantization.get('quant_algo')}")
+    return {"checkpoint": str(ctx.final_dir / CHECKPOINT_SUBDIR), "safetensors_bytes": size,
+            "quantized_weights": baked, "quant_algo": quantization.get("quant_algo"),
+            "exclude_modules": quantization.get("exclude_modules", []),
+            "kv_cache_quant_algo": quantization.get("kv_cache_quant_algo")}

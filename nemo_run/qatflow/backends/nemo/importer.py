@@ -1,0 +1,111 @@
+"""01_import for the nemo backend: the source -> a local HF checkpoint (the hf backend's importer: hub id, local
+folder or GGUF, chat template) -> `llm.import_ckpt` -> a NeMo 2 checkpoint.
+
+NeMo's HF importers build the model config themselves, so the flow's settings (fusions, layer spec) are applied
+by a subclass of the registered importer; with the local layer spec the HF -> NeMo name mapping, written for
+Transformer Engine's fused norms, is pointed at the local spec's norm modules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import importlib
+import sys
+from pathlib import Path
+
+from qatflow.backends.hf.importer import import_model as import_hf
+from qatflow.backends.nemo import runtime
+from qatflow.config import FlowConfig
+from qatflow.stages.runner import StageContext
+
+# Transformer Engine fuses each pre-norm into the linear that follows it; the local spec keeps a norm module.
+TE_NORM_NAMES = {"input_layernorm": ("self_attention", "linear_qkv"), "pre_mlp_layernorm": ("mlp", "linear_fc1")}
+
+
+def model_class(config: FlowConfig):
+    llm = importlib.import_module("nemo.collections.llm")
+    return getattr(llm, config.nemo.model_class)
+
+
+@contextlib.contextmanager
+def te_norm_names(target):
+    """Presents each local-spec norm weight under Transformer Engine's fused name while NeMo's mapping fills it,
+    then puts the filled weight back in the norm module."""
+    core = target.module if hasattr(target, "module") else target
+    moved = []
+    for layer in core.decoder.layers:
+        for norm_name, (block, linear) in TE_NORM_NAMES.items():
+            norm = getattr(layer, norm_name)
+            fused = getattr(getattr(layer, block), linear)
+            weight = norm._parameters.pop("weight")
+            fused.register_parameter("layer_norm_weight", weight)
+            moved.append((norm, fused))
+    try:
+        yield
+    finally:
+        for norm, fused in moved:
+            norm.register_parameter("weight", fused._parameters.pop("layer_norm_weight"))
+
+
+@contextlib.contextmanager
+def config_defaults(module, fields: dict):
+    """NeMo's HF importers build the model config inside a property, and a config checks itself when built
+    (rope fusion without Transformer Engine raises there), so it cannot be fixed afterwards: while the importer
+    builds it, the config classes of its module take the flow's values as defaults."""
+    from nemo.collections.llm.gpt.model.base import GPTConfig
+
+    saved = {name: value for name, value in vars(module).items()
+             if isinstance(value, type) and issubclass(value, GPTConfig)}
+    try:
+        for name, value in saved.items():
+            setattr(module, name, functools.partial(value, **fields))
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
+def settings_importer(config: FlowConfig, hf_dir: Path):
+    """The model class's registered HF importer, building its config with the flow's settings."""
+    registered = type(model_class(config).importer(f"hf://{hf_dir}"))
+    module = sys.modules[registered.__module__]
+
+    class SettingsImporter(registered):
+        @property
+        def config(self):
+            with config_defaults(module, runtime.model_settings(config)):
+                return super().config
+
+        def nemo_setup(self, model, trainer=None, *args, **kwargs):
+            kwargs.setdefault("ckpt_async_save", config.nemo.ckpt_async_save)
+            return super().nemo_setup(model, trainer, *args, **kwargs)
+
+        def convert_state(self, source_model, target):
+            if config.nemo.layer_spec != "local":
+                return super().convert_state(source_model, target)
+            core = target.module if hasattr(target, "module") else target
+            # Local-spec norms are created in fp32; the mapping keeps the HF checkpoint's dtype.
+            for layer in core.decoder.layers:
+                for norm_name in TE_NORM_NAMES:
+                    getattr(layer, norm_name).to(source_model.dtype)
+            with te_norm_names(target):
+                return super().convert_state(source_model, target)
+
+    SettingsImporter.__name__ = SettingsImporter.__qualname__ = f"Settings{registered.__name__}"
+    return SettingsImporter(str(hf_dir))
+
+
+def import_model(ctx: StageContext) -> dict:
+    config = ctx.config
+    # The HF checkpoint first: GGUF dequantization, chat template override and tokenizer fixes are shared.
+    hf_ctx = dataclasses.replace(ctx, out_dir=ctx.out_dir / runtime.HF_SUBDIR)
+    metrics = import_hf(hf_ctx)
+    hf_dir = runtime.hf_dir(ctx.out_dir)
+    target = runtime.nemo_checkpoint(ctx.out_dir)
+    ctx.log(f"llm.import_ckpt({config.nemo.model_class}, hf://{hf_dir}) -> {target} "
+            f"(layer spec {config.nemo.layer_spec}, fusions {'on' if config.nemo.fusions else 'off'})")
+    importer = settings_importer(config, hf_dir)
+    importer(overwrite=False, output_path=target)
+    return {**metrics, "nemo_checkpoint": str(target), "layer_spec": config.nemo.layer_spec}

@@ -1,0 +1,200 @@
+"""03_train for the nemo backend: QAD with NeMo's ModelOpt `DistillationGPTModel` (the full-precision 01_import
+checkpoint as teacher, the NVFP4 02_ptq checkpoint as student, logit KL) or QAT with the student alone and
+cross-entropy, through `llm.train` on the 00_data conversations (NeMo `ChatDataModule`, the tokenizer's chat
+template with its `{% generation %}` tags for assistant-only loss).
+
+`llm.distill` / `llm.finetune` are the same route but switch a ModelOpt checkpoint to Transformer Engine's
+ModelOpt layer spec; here the model is built from the settings' layer spec (see runtime.load_model_context), and
+the student's weights and quantizers come from the strategy's restore of 02_ptq, as in `llm.distill`.
+
+Checkpoints go to the stage's work folder, so a killed run resumes from its last one (NeMo `AutoResume`); the
+exported checkpoint is chosen by step or validation loss, read from the checkpoint names.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from lightning.pytorch.callbacks import Callback
+
+from qatflow.backends.nemo import runtime
+from qatflow.config import FlowConfig
+from qatflow.stages.runner import StageContext
+
+TRAIN_LOG = "train_log.jsonl"
+RUN_NAME = "train"
+# NeMo names each checkpoint after its metrics; the choice of checkpoint reads them from there.
+CHECKPOINT_NAME = re.compile(r"val_loss=(?P<val_loss>[-\d.naninf]+)-step=(?P<step>\d+)")
+
+
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    path: Path
+    step: int
+    val_loss: float
+
+
+def saved_checkpoints(checkpoint_dir: Path) -> list[SavedCheckpoint]:
+    """Complete checkpoints (weights and context written) under NeMo's checkpoint folder, oldest step first."""
+    found = []
+    for path in checkpoint_dir.glob("*") if checkpoint_dir.is_dir() else []:
+        match = CHECKPOINT_NAME.search(path.name)
+        if match and not path.name.endswith("-unfinished") and (path / "context").is_dir() \
+                and (path / "weights" / "metadata.json").is_file():
+            found.append(SavedCheckpoint(path, int(match["step"]), float(match["val_loss"])))
+    return sorted(found, key=lambda saved: (saved.step, saved.path.name.endswith("-last")))
+
+
+def choose_checkpoint(checkpoints: list[SavedCheckpoint], choice: str) -> SavedCheckpoint:
+    """`last`: the highest step; `best`: the lowest validation loss (ties: the later step). Never by file time."""
+    if not checkpoints:
+        raise RuntimeError("training left no complete checkpoint")
+    if choice == "last":
+        return checkpoints[-1]
+    return min(checkpoints, key=lambda saved: (saved.val_loss, -saved.step))
+
+
+def _distillation_yaml(config: FlowConfig, path: Path) -> Path:
+    """NeMo's distillation settings: logit KL only; with ce_weight > 0 the CE is kept and NeMo rescales the KL
+    term to the CE's magnitude, times 1 / ce_weight."""
+    train = config.train
+    settings = {"logit_layers": ["output_layer", "output_layer"], "skip_lm_loss": train.ce_weight == 0,
+                "kd_loss_scale": 1.0 / train.ce_weight if train.ce_weight > 0 else 1.0}
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+def build_model(ctx: StageContext):
+    config = ctx.config
+    student_path = runtime.nemo_checkpoint(ctx.inputs["02_ptq"])
+    student = runtime.load_model_context(student_path, config)
+    if config.train.method != "qad":
+        return student
+    from nemo.collections.llm.modelopt.distill.model import DistillationGPTModel
+
+    teacher_path = runtime.nemo_checkpoint(ctx.inputs["01_import"])
+    teacher = runtime.load_model_context(teacher_path, config)
+    model = DistillationGPTModel(student.config, teacher.config, teacher_ckpt_path=str(teacher_path),
+                                 distillation_config_path=str(_distillation_yaml(config, ctx.work_dir / "kd.yaml")))
+    model.__io__ = student.__io__  # checkpoints reload as the student's own class
+    return model
+
+
+def data_module(ctx: StageContext):
+    """NeMo's chat data module over 00_data's files. They are linked into the work folder, since NeMo writes
+    its index files beside them and a finished stage's folder is not written again."""
+    from nemo.collections.common.tokenizers.huggingface.auto_tokenizer import AutoTokenizer
+    from nemo.collections.llm import ChatDataModule
+
+    config = ctx.config
+    data_dir = ctx.work_dir / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("training.jsonl", "validation.jsonl"):
+        link = data_dir / name
+        if not link.exists():
+            link.symlink_to((ctx.inputs["00_data"] / name).resolve())
+    tokenizer = AutoTokenizer(str(runtime.hf_dir(ctx.inputs["01_import"])))
+    return ChatDataModule(dataset_root=data_dir, seq_length=config.train.seq_len, tokenizer=tokenizer,
+                          micro_batch_size=config.train.micro_batch_size,
+                          global_batch_size=config.train.global_batch_size, seed=config.train.seed,
+                          num_workers=0 if config.nemo.accelerator == "cpu" else 2,
+                          pin_memory=config.nemo.accelerator == "gpu", use_hf_tokenizer_chat_template=True)
+
+
+def optimizer(config: FlowConfig):
+    import torch
+    from megatron.core.optimizer import OptimizerConfig
+    from nemo.lightning.pytorch.optim import CosineAnnealingScheduler, MegatronOptimizerModule
+
+    train, nemo = config.train, config.nemo
+    half = {"bf16-mixed": "bf16", "16-mixed": "fp16"}.get(nemo.precision)
+    optim_config = OptimizerConfig(
+        optimizer="adam", lr=train.lr, min_lr=train.lr * train.min_lr_ratio, weight_decay=train.weight_decay,
+        adam_beta1=0.9, adam_beta2=0.95, clip_grad=train.grad_clip, bf16=half == "bf16", fp16=half == "fp16",
+        params_dtype=torch.bfloat16 if half == "bf16" else torch.float32,
+        use_distributed_optimizer=nemo.use_distributed_optimizer)
+    schedule = CosineAnnealingScheduler(max_steps=train.steps, warmup_steps=train.warmup_steps, constant_steps=0,
+                                        min_lr=train.lr * train.min_lr_ratio)
+    return MegatronOptimizerModule(config=optim_config, lr_scheduler=schedule)
+
+
+class TrainLog(Callback):
+    """One JSON line per optimizer step: the loss curve of the report, and progress in the job log."""
+
+    def __init__(self, log_path: str, started_step: int):
+        self.log_path, self.started_step, self.started = Path(log_path), started_step, time.time()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        metrics = {key: float(value) for key, value in trainer.callback_metrics.items()
+                   if key in ("reduced_train_loss", "lr", "val_loss")}
+        step = trainer.global_step
+        record = {"step": step, "loss": metrics.get("reduced_train_loss"), "lr": metrics.get("lr"),
+                  "val_loss": metrics.get("val_loss")}
+        with self.log_path.open("a") as log:
+            log.write(json.dumps(record) + "\n")
+        eta = (time.time() - self.started) / max(step - self.started_step, 1) * (trainer.max_steps - step)
+        print(f"[03_train] step {step}/{trainer.max_steps} loss {record['loss']:.4g} lr {record['lr'] or 0:.2e} "
+              f"eta {eta:.0f}s", flush=True)
+
+
+def _history(log_path: Path) -> list[dict]:
+    """The log's last record per step (a resumed run repeats the steps after its checkpoint)."""
+    by_step: dict[int, dict] = {}
+    for line in log_path.read_text().splitlines() if log_path.is_file() else []:
+        record = json.loads(line)
+        by_step[record["step"]] = record
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def train(ctx: StageContext) -> dict:
+    from nemo import lightning as nl
+    from nemo.collections import llm
+    from nemo.lightning.pytorch.callbacks import ModelCheckpoint
+
+    from qatflow import nvfp4_cpu
+
+    config = ctx.config
+    train_cfg, nemo = config.train, config.nemo
+    nvfp4_cpu.install()
+    checkpoint_dir = ctx.work_dir / RUN_NAME / "checkpoints"
+    resumed = saved_checkpoints(checkpoint_dir)
+    start_step = resumed[-1].step if resumed else 0
+    log_path = ctx.work_dir / TRAIN_LOG
+    checkpointing = ModelCheckpoint(
+        dirpath=str(checkpoint_dir), filename="{val_loss:.4f}-{step}", monitor="val_loss", save_top_k=2,
+        save_last=True, every_n_train_steps=train_cfg.checkpoint_every, save_on_train_epoch_end=False,
+        always_save_context=True, save_context_on_train_end=True)
+    run_trainer = runtime.trainer(
+        config, "03_train", training=True, restore_path=runtime.nemo_checkpoint(ctx.inputs["02_ptq"]),
+        max_steps=train_cfg.steps, val_check_interval=min(nemo.val_check_interval, train_cfg.steps),
+        limit_val_batches=nemo.limit_val_batches, log_every_n_steps=1, num_sanity_val_steps=0,
+        use_distributed_sampler=False, enable_progress_bar=False,
+        callbacks=[checkpointing, TrainLog(str(log_path), start_step)])
+    model = build_model(ctx)
+    ctx.log(f"{train_cfg.method.upper()} with llm.train: {train_cfg.steps} steps of {train_cfg.global_batch_size} "
+            f"conversations (micro batch {train_cfg.micro_batch_size}), lr {train_cfg.lr:g}, "
+            f"{runtime.parallelism(config, '03_train')}"
+            + (f"; resuming from step {start_step}" if start_step else ""))
+    started = time.time()
+    llm.train(model=model, data=data_module(ctx), trainer=run_trainer,
+              log=nl.NeMoLogger(log_dir=str(ctx.work_dir), name=RUN_NAME, use_datetime_version=False,
+                                ckpt=checkpointing, tensorboard=None, wandb=None),
+              resume=nl.AutoResume(resume_if_exists=True, resume_ignore_no_checkpoint=True),
+              optim=optimizer(config), tokenizer="data")
+    chosen = choose_checkpoint(saved_checkpoints(checkpoint_dir), nemo.export_checkpoint)
+    ctx.log(f"trained student: {chosen.path.name} ({nemo.export_checkpoint}: step {chosen.step}, "
+            f"validation loss {chosen.val_loss:.4f})")
+    shutil.copytree(chosen.path, runtime.nemo_checkpoint(ctx.out_dir), symlinks=False)
+    runtime.save_tokenizer(ctx.inputs["01_import"], ctx.out_dir)
+    history = _history(log_path)
+    (ctx.out_dir / TRAIN_LOG).write_text("".join(json.dumps(record) + "\n" for record in history))
+    last = history[-1] if history else {}
+    return {"method": train_cfg.method, "steps": train_cfg.steps, "resumed_from_step": start_step,
+            "final_loss": last.get("loss"), "checkpoint": chosen.path.name, "checkpoint_step": chosen.step,
+            "checkpoint_val_loss": chosen.val_loss, "seconds": round(time.time() - started, 1)}
