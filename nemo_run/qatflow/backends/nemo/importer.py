@@ -12,14 +12,17 @@ import contextlib
 import dataclasses
 import functools
 import importlib
+import re
 import sys
 from pathlib import Path
 
 from qatflow.backends.hf.importer import import_model as import_hf
+from qatflow.backends.hf.modeling import load_tokenizer
 from qatflow.backends.nemo import runtime
 from qatflow.config import FlowConfig
 from qatflow.stages.runner import StageContext
 
+GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")  # as NeMo's chat data looks for it
 # Transformer Engine fuses each pre-norm into the linear that follows it; the local spec keeps a norm module.
 TE_NORM_NAMES = {"input_layernorm": ("self_attention", "linear_qkv"), "pre_mlp_layernorm": ("mlp", "linear_fc1")}
 
@@ -103,6 +106,11 @@ def import_model(ctx: StageContext) -> dict:
     hf_ctx = dataclasses.replace(ctx, out_dir=ctx.out_dir / runtime.HF_SUBDIR)
     metrics = import_hf(hf_ctx)
     hf_dir = runtime.hf_dir(ctx.out_dir)
+    template = load_tokenizer(hf_dir).chat_template or ""
+    if not GENERATION_TAG.search(template):
+        raise ValueError(f"the chat template of {config.model.name} has no {{% generation %}} tags, which NeMo's chat "
+                         f"data needs for assistant-only loss: pass --chat-template with a template shipped in "
+                         f"chat_templates/ (e.g. smollm2, chatml, llama3, qwen3) or a file with the tags")
     target = runtime.nemo_checkpoint(ctx.out_dir)
     ctx.log(f"llm.import_ckpt({config.nemo.model_class}, hf://{hf_dir}) -> {target} "
             f"(layer spec {config.nemo.layer_spec}, fusions {'on' if config.nemo.fusions else 'off'})")

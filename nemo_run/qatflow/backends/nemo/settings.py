@@ -9,6 +9,16 @@ from dataclasses import dataclass
 
 from qatflow.config import FlowConfig
 
+# What NeMo defaults to GPU / Transformer Engine, per kind of machine (--nemo-env): a NeMo container has TE; a GPU
+# without TE needs the local layer spec and no fusions; a CPU also fp32, gloo-friendly synchronous checkpoints
+# and the plain optimizer.
+ENVIRONMENTS: dict[str, dict] = {
+    "te": {"accelerator": "gpu", "layer_spec": "te", "fusions": True},
+    "gpu-local": {"accelerator": "gpu", "layer_spec": "local", "fusions": False},
+    "cpu": {"accelerator": "cpu", "precision": "32", "layer_spec": "local", "fusions": False,
+            "ckpt_async_save": False, "use_distributed_optimizer": False},
+}
+
 # Where each stage's model work runs: import converts on CPU (NeMo's importer builds its own CPU trainer);
 # PTQ, export and evaluation use the PTQ GPUs; training uses the training GPUs x nodes.
 STAGE_RESOURCES = {"01_import": "cpu", "02_ptq": "ptq", "03_train": "train", "04_export": "ptq",

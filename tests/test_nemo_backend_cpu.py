@@ -1,0 +1,128 @@
+"""The nemo backend end to end on CPU: the real NeMo 2.7 / megatron-core / ModelOpt path on a tiny random Llama,
+through the entry script and nemo_run, with the CUDA-only library calls replaced by the stand-ins in
+tests/nemo_cpu (loaded into every process of the run through PYTHONPATH, never by the product)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ENTRY, REPO
+
+from qatflow.stages import STAGE_NAMES
+
+SHIMS = REPO / "tests" / "nemo_cpu"
+NEMO_RECIPE = """\
+inherit: smollm2_135m_qad
+model: {{name: {model}, dtype: float32, chat_template: smollm2}}
+data: {{num_train: 64, num_validation: 16}}
+ptq: {{calib_samples: 8, calib_seq_len: 128, calib_batch_size: 4}}
+train: {{steps: 6, global_batch_size: 4, micro_batch_size: 2, seq_len: 128, checkpoint_every: 3, lr: 1.0e-4,
+        warmup_steps: 1}}
+eval: {{num_samples: 16, seq_len: 128, batch_size: 8}}
+nemo: {{val_check_interval: 3, limit_val_batches: 2}}
+"""
+
+
+def run_nemo_flow(*args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "QATFLOW_NEMO_CPU_SHIMS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(SHIMS), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, str(ENTRY), "--backend", "nemo", "--nemo-env", "cpu", *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _metrics(experiment: Path, stage: str) -> dict:
+    return json.loads((experiment / stage / "manifest.json").read_text())["metrics"]
+
+
+@pytest.fixture(scope="module")
+def nemo_run_dir(tiny_model, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("nemo_cpu")
+    recipe = root / "tiny_nemo_qad.yaml"
+    recipe.write_text(NEMO_RECIPE.format(model=tiny_model))
+    result = run_nemo_flow("--recipe", str(recipe), "--log-dir", str(root), "--experiment", "tiny")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return root / "tiny"
+
+
+def test_every_stage_completes_with_nemo_checkpoints(nemo_run_dir):
+    for stage in STAGE_NAMES:
+        assert (nemo_run_dir / stage / "manifest.json").is_file(), stage
+    for stage in ("01_import", "02_ptq", "03_train"):
+        weights = nemo_run_dir / stage / "nemo" / "weights"
+        assert (weights / "metadata.json").is_file() and (nemo_run_dir / stage / "nemo" / "context").is_dir()
+    assert (nemo_run_dir / "02_ptq" / "nemo" / "weights" / "modelopt_state").is_dir()
+    ptq = _metrics(nemo_run_dir, "02_ptq")
+    assert ptq["quantizers_enabled"] == 16  # 2 layers x (qkv, proj, fc1, fc2) x (input, weight)
+
+
+def test_import_reproduces_the_hf_model(nemo_run_dir, tiny_model):
+    """The NeMo checkpoint computes what the HF model computes: same perplexity on the same held-out tokens, which
+    fails if a weight (e.g. a norm redirected for the local layer spec) were mapped wrong."""
+    import torch
+
+    from qatflow.backends.hf.modeling import load_tokenizer
+    from qatflow.evaluation import score
+    from qatflow.tokens import read_split, tokenize_split
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(nemo_run_dir / "01_import" / "hf" / "model")
+    items = tokenize_split(tokenizer, read_split(nemo_run_dir / "00_data", "validation", 16), 128, "validation",
+                           log=lambda message: None)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    hf = score(model, items, 8, tokenizer.pad_token_id, torch.device("cpu"), log=lambda message: None)
+    nemo = _metrics(nemo_run_dir, "06_eval_bf16")
+    assert nemo["tokens_all"] == hf["tokens_all"]
+    assert nemo["ppl_all"] == pytest.approx(hf["ppl_all"], rel=1e-4)
+
+
+def test_distillation_trains_and_checkpoint_is_chosen_by_step(nemo_run_dir):
+    train = _metrics(nemo_run_dir, "03_train")
+    assert train["method"] == "qad" and train["resumed_from_step"] == 0
+    log = [json.loads(line) for line in (nemo_run_dir / "03_train" / "train_log.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in log] == list(range(1, 7))
+    assert all(record["loss"] is not None and record["loss"] >= 0 for record in log)
+    assert train["checkpoint_step"] == max(int(p.name.split("step=")[1].split("-")[0]) for p in
+                                           (nemo_run_dir / ".03_train.work").rglob("checkpoints/*step=*"))
+    ptq, trained = (_metrics(nemo_run_dir, stage) for stage in ("07_eval_ptq", "08_eval_trained"))
+    assert ptq["kl_all"] > 0 and trained["kl_all"] >= 0
+
+
+def test_export_reloads_to_the_trained_student(nemo_run_dir):
+    checkpoint = nemo_run_dir / "04_export" / "checkpoint"
+    quant = json.loads((checkpoint / "hf_quant_config.json").read_text())["quantization"]
+    assert quant["quant_algo"] == "NVFP4"
+    assert (checkpoint / "tokenizer.json").is_file()
+    verify = _metrics(nemo_run_dir, "05_verify")
+    assert verify["verified"] and verify["quantized_layers"] == 14  # q, k, v, o, gate, up, down x 2 layers
+    assert verify["kl_all"] < 1e-6, verify
+    report = (nemo_run_dir / "09_report" / "report.md").read_text()
+    assert "| NVFP4 QAD |" in report
+
+
+def test_rerun_skips_every_stage(nemo_run_dir):
+    result = run_nemo_flow("--recipe", str(nemo_run_dir.parent / "tiny_nemo_qad.yaml"), "--log-dir",
+                           str(nemo_run_dir.parent), "--experiment", "tiny", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "nothing to run" in result.stdout
+
+
+def test_stand_ins_fail_loudly_when_the_library_changes():
+    sys.path.insert(0, str(SHIMS))
+    from nemo_cpu_shims import ShimMismatch, expect
+
+    def library_function():
+        return "cuda"
+
+    expect(library_function, 'return "cuda"')
+    with pytest.raises(ShimMismatch, match="no longer contains"):
+        expect(library_function, "torch.cuda.current_device()")
+
+
+def test_product_never_imports_the_stand_ins():
+    for path in (REPO / "nemo_run").rglob("*.py"):
+        assert "nemo_cpu_shims" not in path.read_text(), path
