@@ -111,6 +111,23 @@ def test_rerun_skips_every_stage(nemo_run_dir):
     assert "nothing to run" in result.stdout
 
 
+def test_tensor_parallel_two_processes(tiny_model, tmp_path):
+    """PTQ and training as two torchrun processes with TP=2 (gloo on CPU); the export of the TP-sharded student,
+    restored whole on one process, still computes exactly the student."""
+    recipe = tmp_path / "tiny_nemo_qad.yaml"
+    recipe.write_text(NEMO_RECIPE.format(model=tiny_model))
+    result = run_nemo_flow("--recipe", str(recipe), "--log-dir", str(tmp_path), "--experiment", "tp2",
+                           "--ptq-gpus", "2", "--train-gpus", "2", "--tensor-parallelism", "2")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    experiment = tmp_path / "tp2"
+    for stage in ("02_ptq", "03_train"):
+        metrics = _metrics(experiment, stage)
+        assert (metrics["processes"], metrics["tensor_parallel"]) == (2, 2), metrics
+    assert _metrics(experiment, "03_train")["steps"] == 6
+    verify = _metrics(experiment, "05_verify")
+    assert verify["verified"] and verify["kl_all"] < 1e-6, verify
+
+
 def test_stand_ins_fail_loudly_when_the_library_changes():
     sys.path.insert(0, str(SHIMS))
     from nemo_cpu_shims import ShimMismatch, expect

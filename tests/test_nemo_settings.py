@@ -18,11 +18,11 @@ def test_issue_command_prints_devices_nodes_and_parallelism(tmp_path):
              for line in [line.strip()]}
     out = result.stdout
     assert "recipe      qwen3_8b_qat   backend nemo" in out
-    train = next(line for line in out.splitlines() if "llm.finetune via qwen3_8b" in line)
+    train = next(line for line in out.splitlines() if "llm.finetune of qwen3_8b" in line)
     assert "8 device(s) x 1 node(s), TP 2 PP 1 DP 4 SP on" in train
     ptq = next(line for line in out.splitlines() if "nemo Quantizer(nvfp4" in line)
     assert "4 device(s) x 1 node(s), TP 2 PP 1 DP 2 SP on" in ptq
-    assert "llm.import_ckpt(llm.Qwen3Model(Qwen3Config8B), source=hf://Qwen/Qwen3-8B)" in out
+    assert "NeMo's HF importer of llm.Qwen3Model (Qwen3Config8B)" in out and "Qwen/Qwen3-8B" in out
     assert "export_mcore_gpt_to_hf(03_train checkpoint: last)" in out
     assert lines  # every model stage says what it runs
     assert not any(tmp_path.iterdir())
@@ -58,8 +58,20 @@ def test_bad_parallel_settings_fail_before_queueing(argv, message):
         cli.load_config(["--backend", "nemo", "--recipe", "qwen3_8b", *argv])
 
 
-def test_running_the_nemo_backend_is_refused_clearly(tmp_path):
-    result = run_flow("--backend", "nemo", "--recipe", "qwen3_8b", "--log-dir", str(tmp_path))
-    assert result.returncode == 2
-    assert "--dry-run" in result.stderr and "--backend hf" in result.stderr
-    assert not (tmp_path / "qat_flow_ckpts").exists()
+def test_machine_environments_set_what_nemo_defaults_to_gpu_and_te():
+    config, _ = cli.load_config(["--backend", "nemo", "--recipe", "qwen3_8b", "--nemo-env", "gpu-local"])
+    assert (config.nemo.layer_spec, config.nemo.fusions, config.nemo.accelerator) == ("local", False, "gpu")
+    config, _ = cli.load_config(["--backend", "nemo", "--recipe", "qwen3_8b", "--nemo-env", "cpu",
+                                 "--set", "nemo.ckpt_async_save=true"])  # --set still wins
+    assert (config.nemo.accelerator, config.nemo.precision, config.nemo.use_distributed_optimizer) == \
+        ("cpu", "32", False)
+    assert config.nemo.ckpt_async_save
+
+
+def test_nemo_needs_generation_tags_and_no_temperature(tmp_path):
+    untagged = tmp_path / "plain.jinja"
+    untagged.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(ConfigError, match="generation"):
+        cli.load_config(["--backend", "nemo", "--recipe", "qwen3_8b", "--chat-template", str(untagged)])
+    with pytest.raises(ConfigError, match="no temperature"):
+        cli.load_config(["--backend", "nemo", "--recipe", "qwen3_8b", "--distill", "--set", "train.temperature=2"])

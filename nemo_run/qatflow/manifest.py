@@ -84,13 +84,22 @@ class StageOutput:
     def is_complete(self) -> bool:
         return is_complete(self.final_dir, self.fingerprint)
 
-    def begin(self) -> Path:
-        self.experiment_dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.experiment_dir.glob(f".{self.stage}.partial-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        self.partial_dir = self.experiment_dir / f".{self.stage}.partial-{uuid.uuid4().hex[:8]}"
-        self.partial_dir.mkdir()
+    def begin(self, rank: int = 0, world_size: int = 1, wait_seconds: float = 600.0) -> Path:
+        """The partial folder this run writes into. A stage run by several processes (one per GPU) shares one,
+        named by the fingerprint: rank 0 clears stale ones and makes it, the other ranks wait for it."""
+        name = uuid.uuid4().hex[:8] if world_size == 1 else f"{self.fingerprint}-shared"
+        self.partial_dir = self.experiment_dir / f".{self.stage}.partial-{name}"
         self.started = time.time()
+        if rank == 0:
+            self.experiment_dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.experiment_dir.glob(f".{self.stage}.partial-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            self.partial_dir.mkdir()
+            return self.partial_dir
+        while not self.partial_dir.is_dir():
+            if time.time() - self.started > wait_seconds:
+                raise TimeoutError(f"rank {rank}: rank 0 never created {self.partial_dir}")
+            time.sleep(0.5)
         return self.partial_dir
 
     def commit(self, inputs: dict[str, Any], metrics: dict[str, Any], config_hash: str) -> Path:

@@ -69,6 +69,10 @@ def quantize(ctx: StageContext) -> dict:
     moved = align_global_scales(model)
     ctx.log(f"aligned {moved} NVFP4 global scales with the export's arithmetic; saving NeMo checkpoint")
     quantizer.export(model, str(runtime.nemo_checkpoint(ctx.inputs["01_import"])), trainer)
-    runtime.save_tokenizer(ctx.inputs["01_import"], ctx.out_dir)
+    if runtime.is_rank_zero():
+        runtime.save_tokenizer(ctx.inputs["01_import"], ctx.out_dir)
+    layout = runtime.parallelism(config, "02_ptq")
     return {"algorithm": ptq.algorithm, "calib_rows": int(rows.shape[0]), "calib_tokens": int(rows.numel()),
+            "processes": int(torch.distributed.get_world_size()) if torch.distributed.is_initialized() else 1,
+            "tensor_parallel": layout.tensor,
             **count_quantizers(model)}

@@ -158,3 +158,10 @@ def save_tokenizer(import_stage_dir: Path, out_dir: Path) -> None:
 
 def tokenizer_dir(stage_dir: Path) -> Path:
     return hf_dir(stage_dir) if hf_dir(stage_dir).is_dir() else stage_dir / TOKENIZER_SUBDIR
+
+
+def is_rank_zero() -> bool:
+    """Files every rank would write alike (tokenizer, copies, logs) are written by global rank 0 only."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0

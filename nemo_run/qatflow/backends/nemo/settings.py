@@ -43,9 +43,10 @@ class Parallelism:
 
 
 def sequence_parallel(config: FlowConfig, tensor: int) -> bool:
-    """Sequence parallelism follows TP unless set: it needs TP > 1 (upstream left it on with TP=1)."""
+    """Sequence parallelism follows TP unless set: it needs TP > 1 (upstream left it on with TP=1), and norms that
+    support it, which the local layer spec's torch norms do not."""
     setting = config.nemo.sequence_parallel
-    return tensor > 1 if setting is None else setting
+    return tensor > 1 and config.nemo.layer_spec == "te" if setting is None else setting
 
 
 def parallelism(config: FlowConfig, stage: str) -> Parallelism:
@@ -74,13 +75,15 @@ def describe_stage(config: FlowConfig, stage: str) -> str:
     nemo, train = config.nemo, config.train
     model = f"llm.{nemo.model_class}({nemo.config_class or 'config from the HF checkpoint'})"
     what = {
-        "01_import": f"llm.import_ckpt({model}, source=hf://{config.model.name})",
+        "01_import": f"HF checkpoint of {config.model.name}, then NeMo's HF importer of llm.{nemo.model_class} "
+                     f"({nemo.config_class or 'config read from the HF checkpoint'}) built with these settings",
         "02_ptq": f"nemo Quantizer({config.ptq.algorithm}, {config.ptq.calib_samples} calibration conversations "
                   f"from 00_data).quantize -> NeMo checkpoint with modelopt_state",
-        "03_train": (f"llm.distill via distillation_recipe(student=02_ptq, teacher=01_import), lr {train.lr:g}, "
-                     f"{train.steps} steps, global batch {train.global_batch_size}, micro batch "
+        "03_train": (f"DistillationGPTModel(student=02_ptq, teacher=01_import) via llm.train, logit KL, "
+                     f"lr {train.lr:g}, {train.steps} steps, global batch {train.global_batch_size}, micro batch "
                      f"{train.micro_batch_size}" if train.method == "qad" else
-                     f"llm.finetune via {nemo.finetune_recipe or 'the model finetune recipe'} restored from 02_ptq, "
+                     f"{nemo.model_class} restored from 02_ptq via llm.train (what llm.finetune of "
+                     f"{nemo.finetune_recipe or 'the model recipe'} runs, without PEFT), CE, "
                      f"lr {train.lr:g}, {train.steps} steps, global batch {train.global_batch_size}"),
         "04_export": f"export_mcore_gpt_to_hf(03_train checkpoint: {nemo.export_checkpoint})",
         "05_verify": "reload the HF export, compare with the 03_train student",

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 
@@ -128,14 +129,19 @@ class TrainLog(Callback):
     """One JSON line per optimizer step: the loss curve of the report, and progress in the job log."""
 
     def __init__(self, log_path: str, started_step: int):
-        self.log_path, self.started_step, self.started = Path(log_path), started_step, time.time()
+        self.log_path, self.started_step = Path(log_path), started_step
+        self.started = self.last = time.time()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         metrics = {key: float(value) for key, value in trainer.callback_metrics.items()
                    if key in ("reduced_train_loss", "lr", "val_loss")}
         step = trainer.global_step
+        now = time.time()
         record = {"step": step, "loss": metrics.get("reduced_train_loss"), "lr": metrics.get("lr"),
-                  "val_loss": metrics.get("val_loss")}
+                  "val_loss": metrics.get("val_loss"), "step_seconds": round(now - self.last, 4)}
+        self.last = now
+        if not runtime.is_rank_zero():
+            return
         with self.log_path.open("a") as log:
             log.write(json.dumps(record) + "\n")
         eta = (time.time() - self.started) / max(step - self.started_step, 1) * (trainer.max_steps - step)
@@ -190,11 +196,20 @@ def train(ctx: StageContext) -> dict:
     chosen = choose_checkpoint(saved_checkpoints(checkpoint_dir), nemo.export_checkpoint)
     ctx.log(f"trained student: {chosen.path.name} ({nemo.export_checkpoint}: step {chosen.step}, "
             f"validation loss {chosen.val_loss:.4f})")
-    shutil.copytree(chosen.path, runtime.nemo_checkpoint(ctx.out_dir), symlinks=False)
-    runtime.save_tokenizer(ctx.inputs["01_import"], ctx.out_dir)
     history = _history(log_path)
-    (ctx.out_dir / TRAIN_LOG).write_text("".join(json.dumps(record) + "\n" for record in history))
+    if runtime.is_rank_zero():
+        shutil.copytree(chosen.path, runtime.nemo_checkpoint(ctx.out_dir), symlinks=False)
+        runtime.save_tokenizer(ctx.inputs["01_import"], ctx.out_dir)
+        (ctx.out_dir / TRAIN_LOG).write_text("".join(json.dumps(record) + "\n" for record in history))
     last = history[-1] if history else {}
+    # Steady-state step time: the median after the first steps (graph capture, allocator warm-up, validation).
+    step_times = sorted(record["step_seconds"] for record in history[3:] if record.get("step_seconds"))
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    layout = runtime.parallelism(config, "03_train")
     return {"method": train_cfg.method, "steps": train_cfg.steps, "resumed_from_step": start_step,
+            "processes": int(torch.distributed.get_world_size()) if torch.distributed.is_initialized() else 1,
+            "tensor_parallel": layout.tensor, "pipeline_parallel": layout.pipeline,
+            "median_step_seconds": step_times[len(step_times) // 2] if step_times else None,
+            "peak_memory_gib": round(peak, 2) if peak is not None else None,
             "final_loss": last.get("loss"), "checkpoint": chosen.path.name, "checkpoint_step": chosen.step,
             "checkpoint_val_loss": chosen.val_loss, "seconds": round(time.time() - started, 1)}
