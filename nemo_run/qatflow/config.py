@@ -86,6 +86,12 @@ class TrainConfig:
     grad_clip: float = 1.0
     temperature: float = 1.0  # QAD: softmax temperature of the logit KL
     ce_weight: float = 0.0  # QAD: loss = KL + ce_weight * CE
+    # QAD: None runs the teacher at every step. k > 0 runs it once over the training conversations, keeps its
+    # top-k log-probabilities per supervised token (fp16, ids int32, plus the remaining mass) in the 03_train
+    # work folder, and trains on them in every epoch and every rerun; the teacher then costs no step time.
+    teacher_cache_topk: Optional[int] = None
+    # NVFP4 fake quant through ModelOpt's own kernel without its per-call Python wrappers (same numbers).
+    lean_fake_quant: bool = True
     checkpoint_every: int = 50
     log_every: int = 1
     seed: int = 1234
@@ -300,6 +306,13 @@ def validate(config: FlowConfig) -> None:
         raise ConfigError(f"train.lr={config.train.lr} (--learning-rate) must be positive")
     if config.train.temperature <= 0:
         raise ConfigError(f"train.temperature={config.train.temperature} must be positive")
+    if config.train.teacher_cache_topk is not None:
+        if config.train.teacher_cache_topk <= 0:
+            raise ConfigError(f"train.teacher_cache_topk={config.train.teacher_cache_topk} must be positive "
+                              f"(or null to run the teacher at every step)")
+        if config.train.method != "qad":
+            raise ConfigError("train.teacher_cache_topk caches the teacher of QAD: use it with train.method=qad "
+                              "(--distill), or leave it null")
     if config.eval.num_samples > config.data.num_validation:
         raise ConfigError(f"eval.num_samples={config.eval.num_samples} exceeds data.num_validation="
                           f"{config.data.num_validation}: lower one or raise the other")

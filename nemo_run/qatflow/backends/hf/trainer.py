@@ -1,13 +1,18 @@
-"""03_train for the hf backend: QAD (ModelOpt distillation, logit KL to the teacher) or QAT (cross-entropy).
+"""03_train for the hf backend: QAD (logit KL to the full-precision teacher) or QAT (cross-entropy).
 
 The student keeps fp32 master weights (bf16 weights drop most Adam updates of this size); on GPU the forward
-runs under bf16 autocast. Losses count assistant tokens only. Checkpoints in the stage's work folder let a
-killed run resume at its last checkpoint, with the same data order.
+runs under bf16 autocast. NVFP4 fake quantization runs ModelOpt's kernels through lean forwards (lean_quant).
+Losses count assistant tokens only and are computed on those positions alone, in fp32 chunks (distill). The
+teacher runs at every step, or once over the training set when train.teacher_cache_topk caches its top-k
+(teacher_cache). Checkpoints in the stage's work folder let a killed run resume at its last checkpoint, with the
+same data order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import json
 import math
 import os
@@ -16,8 +21,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from qatflow.backends.hf import teacher_cache
+from qatflow.backends.hf.distill import supervised_rows, token_loss
+from qatflow.backends.hf.lean_quant import lean_fake_quant
 from qatflow.backends.hf.modeling import (DTYPES, compute_dtype, device_of, load_model, load_tokenizer,
                                           save_model, stage_model_dir)
 from qatflow.chat import TokenizedConversation
@@ -74,55 +81,94 @@ def save_checkpoint(work_dir: Path, step: int, model, optimizer, scheduler, hist
     return path
 
 
-def _masked_ce(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Summed cross-entropy over assistant targets."""
-    targets = batch.input_ids[:, 1:]
-    shifted = logits[:, :-1].float()
-    # Flattened rows: cross_entropy over a transposed [B, V, T] view is several times slower on GPU.
-    nll = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), reduction="none")
-    return (nll.view_as(targets) * batch.assistant_target_mask).sum()
+def _load_student(ctx: StageContext, device: torch.device):
+    """The quantized student with fp32 master weights."""
+    return load_model(stage_model_dir(ctx.inputs["02_ptq"]), torch.float32, device,
+                      ctx.config.model.trust_remote_code)
 
 
-def _build_model(ctx: StageContext, device: torch.device):
-    """The student (fp32 masters); for QAD wrapped by ModelOpt distillation with the frozen teacher."""
+def _load_teacher(ctx: StageContext, device: torch.device):
     config = ctx.config
-    student = load_model(stage_model_dir(ctx.inputs["02_ptq"]), torch.float32, device,
-                         config.model.trust_remote_code)
-    if config.train.method != "qad":
-        return student
-    import modelopt.torch.distill as mtd
-    from modelopt.torch.distill.plugins.huggingface import LMLogitsLoss
-
     teacher_dtype = torch.float32 if device.type == "cpu" else DTYPES[config.model.dtype]
     teacher = load_model(stage_model_dir(ctx.inputs["01_import"]), teacher_dtype, device,
                          config.model.trust_remote_code).eval()
-    kd_config = {"teacher_model": teacher,
-                 "criterion": LMLogitsLoss(temperature=config.train.temperature, reduction="none")}
-    return mtd.convert(student, mode=[("kd_loss", kd_config)])
+    teacher.requires_grad_(False)
+    return teacher
 
 
-def _micro_step(model, batch: Batch, config: FlowConfig, autocast_dtype, tokens_in_step: int) -> dict[str, float]:
+def _teacher_cache(ctx: StageContext, items: list[TokenizedConversation], pad_id: int, device: torch.device,
+                   autocast_dtype: torch.dtype) -> tuple[teacher_cache.TeacherCache, dict]:
+    """The cached top-k of the teacher over `items`: reused when a run with the same teacher, conversations, k
+    and temperature made it, else built now (the teacher is freed right after)."""
+    train_cfg = ctx.config.train
+    topk = int(train_cfg.teacher_cache_topk or 0)
+    teacher_id = ctx.input_manifest("01_import").get("fingerprint", str(ctx.inputs["01_import"]))
+    key = teacher_cache.cache_key(teacher_id, items, topk, train_cfg.temperature, autocast_dtype)
+    started = time.time()
+
+    def make() -> teacher_cache.TeacherCache:
+        teacher = _load_teacher(ctx, device)
+        try:
+            return teacher_cache.build(teacher, items, topk, train_cfg.temperature, train_cfg.micro_batch_size,
+                                       pad_id, device, autocast_dtype, key, log=ctx.log)
+        finally:
+            del teacher
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    cache, path, reused = teacher_cache.load_or_build(ctx.work_dir.parent / teacher_cache.CACHE_DIR, key, make,
+                                                      log=ctx.log)
+    return cache, {"path": str(path), "reused": reused, "topk": topk, "positions": int(cache.indices.shape[0]),
+                   "mib": round(cache.nbytes / 2**20, 1), "seconds": round(time.time() - started, 1)}
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host to GPU without waiting for the queued GPU work (pinned source, asynchronous copy)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def _micro_inputs(items: list[TokenizedConversation], micro_ids: list[int], pad_id: int, cache,
+                  device: torch.device):
+    """The batch, its supervised positions (flat indices; position t is supervised when token t+1 is an
+    assistant target), their next tokens and the cached teacher rows, all on `device`."""
+    batch = collate([items[i] for i in micro_ids], pad_id)
+    position_mask = torch.zeros_like(batch.loss_mask)
+    position_mask[:, :-1] = batch.assistant_target_mask
+    rows = supervised_rows(position_mask)
+    targets = batch.input_ids.reshape(-1)[rows + 1]
+    signal = None
+    if cache is not None:
+        signal = cache.for_items(micro_ids, torch.device("cpu"))
+        if signal.indices.shape[0] != rows.numel():
+            raise RuntimeError(f"the teacher cache holds {signal.indices.shape[0]} positions for this batch, the "
+                               f"batch has {rows.numel()}: delete {teacher_cache.CACHE_DIR}/ in the 03_train work "
+                               f"folder and run again")
+        signal = type(signal)(*(_to_device(t, device) for t in (signal.indices, signal.logprobs, signal.log_tail)))
+    batch = Batch(*(_to_device(t, device) for t in (batch.input_ids, batch.attention_mask, batch.loss_mask)))
+    return batch, _to_device(rows, device), _to_device(targets, device), signal
+
+
+def _micro_step(student, teacher, batch: Batch, rows: torch.Tensor, targets: torch.Tensor, signal,
+                config: FlowConfig, autocast_dtype, tokens_in_step: int) -> dict[str, torch.Tensor]:
     """Forward and backward of one micro batch; losses are scaled to the mean over the whole step's tokens."""
-    on_cuda = batch.input_ids.device.type == "cuda"
-    with torch.autocast("cuda", dtype=autocast_dtype, enabled=on_cuda and autocast_dtype != torch.float32):
-        output = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    ce = _masked_ce(output.logits, batch) / tokens_in_step
-    parts = {"ce": float(ce.detach())}
-    if config.train.method == "qad":
-        # Per-position KL [B, T]; position t is supervised when token t+1 is an assistant target.
-        kd_mask = torch.zeros_like(batch.loss_mask, dtype=torch.float32)
-        kd_mask[:, :-1] = batch.assistant_target_mask
-
-        def reduce(loss: torch.Tensor) -> torch.Tensor:
-            return (loss.float() * kd_mask).sum() / tokens_in_step
-
-        kd = model.compute_kd_loss(loss_reduction_fn=reduce)
-        loss = kd + config.train.ce_weight * ce
-        parts["kd"] = float(kd.detach())
+    train_cfg = config.train
+    use_autocast = batch.input_ids.device.type == "cuda" and autocast_dtype != torch.float32
+    with torch.autocast("cuda", dtype=autocast_dtype, enabled=use_autocast):
+        logits = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    if train_cfg.method == "qad":
+        if signal is None:  # live teacher
+            with torch.no_grad(), torch.autocast("cuda", dtype=autocast_dtype, enabled=use_autocast):
+                signal = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        loss, kd, ce = token_loss(logits, rows, targets, signal, train_cfg.temperature, 1.0, train_cfg.ce_weight)
     else:
-        loss = ce
-    loss.backward()
-    parts["loss"] = float(loss.detach())
+        loss, kd, ce = token_loss(logits, rows, targets, None, ce_weight=1.0)
+    (loss / tokens_in_step).backward()
+    parts = {"ce": ce / tokens_in_step, "loss": loss.detach() / tokens_in_step}
+    if train_cfg.method == "qad":
+        parts["kd"] = kd / tokens_in_step
     return parts
 
 
@@ -135,7 +181,11 @@ def train(ctx: StageContext) -> dict:
     tokenizer = load_tokenizer(stage_model_dir(ctx.inputs["02_ptq"]))
     items = tokenize_split(tokenizer, read_split(ctx.inputs["00_data"], "train"), train_cfg.seq_len, "train",
                            log=ctx.log)
-    model = _build_model(ctx, device)
+    cache, cache_metrics = None, {}
+    if train_cfg.method == "qad" and train_cfg.teacher_cache_topk:
+        cache, cache_metrics = _teacher_cache(ctx, items, tokenizer.pad_token_id, device, autocast_dtype)
+    model = _load_student(ctx, device)
+    teacher = _load_teacher(ctx, device) if train_cfg.method == "qad" and cache is None else None
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
@@ -151,48 +201,57 @@ def train(ctx: StageContext) -> dict:
         scheduler.load_state_dict(state["scheduler"])
         history, start_step = state["history"], state["step"]
         ctx.log(f"resuming from {existing[-1].name} (step {start_step}/{train_cfg.steps})")
+    teacher_note = ("" if train_cfg.method != "qad" else
+                    f", teacher top-{train_cfg.teacher_cache_topk} cached" if cache is not None else ", live teacher")
     ctx.log(f"{train_cfg.method.upper()} for {train_cfg.steps} steps of {train_cfg.global_batch_size} conversations "
-            f"(micro batch {train_cfg.micro_batch_size}, lr {train_cfg.lr:g}) on {device}, "
+            f"(micro batch {train_cfg.micro_batch_size}, lr {train_cfg.lr:g}{teacher_note}) on {device}, "
             f"{len(items)} training conversations")
+    lean = lean_fake_quant(model) if train_cfg.lean_fake_quant else contextlib.nullcontext()
     started = time.time()
     tokens_seen = 0
-    for step in range(start_step, train_cfg.steps):
-        step_items: list[TokenizedConversation] = [
-            items[i] for i in sample_order(len(items), step, train_cfg.global_batch_size, train_cfg.seed)]
-        tokens_in_step = max(1, sum(sum(item.loss_mask[1:]) for item in step_items))
-        optimizer.zero_grad(set_to_none=True)
-        totals: dict[str, float] = {}
-        for start in range(0, len(step_items), train_cfg.micro_batch_size):
-            batch = collate(step_items[start:start + train_cfg.micro_batch_size], tokenizer.pad_token_id).to(device)
-            for name, value in _micro_step(model, batch, config, autocast_dtype, tokens_in_step).items():
-                totals[name] = totals.get(name, 0.0) + value
-            tokens_seen += int(batch.attention_mask.sum())
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, train_cfg.grad_clip))
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        record = {"step": step + 1, **{k: round(v, 6) for k, v in totals.items()}, "lr": lr,
-                  "grad_norm": round(grad_norm, 4), "assistant_tokens": tokens_in_step,
-                  "tokens": sum(len(item.input_ids) for item in step_items)}
-        history.append(record)
-        if (step + 1) % train_cfg.log_every == 0 or step + 1 == train_cfg.steps:
-            elapsed = time.time() - started
-            done = step + 1 - start_step
-            eta = elapsed / done * (train_cfg.steps - step - 1)
-            parts = " ".join(f"{k} {v:.4g}" for k, v in totals.items())
-            ctx.log(f"step {step + 1}/{train_cfg.steps} {parts} lr {lr:.2e} grad {grad_norm:.3f} "
-                    f"{tokens_seen / elapsed:.0f} tokens/s eta {eta:.0f}s")
-        if (step + 1) % train_cfg.checkpoint_every == 0 and step + 1 < train_cfg.steps:
-            save_checkpoint(ctx.work_dir, step + 1, model, optimizer, scheduler, history)
-    if train_cfg.method == "qad":
-        import modelopt.torch.distill as mtd
-
-        model = mtd.export(model)  # the student alone, teacher and hooks removed
+    with lean as plan:
+        if plan is not None:
+            ctx.log(plan.describe())
+        for step in range(start_step, train_cfg.steps):
+            step_ids = sample_order(len(items), step, train_cfg.global_batch_size, train_cfg.seed)
+            step_items: list[TokenizedConversation] = [items[i] for i in step_ids]
+            tokens_in_step = max(1, sum(sum(item.loss_mask[1:]) for item in step_items))
+            optimizer.zero_grad(set_to_none=True)
+            sums: dict[str, torch.Tensor] = {}
+            for start in range(0, len(step_items), train_cfg.micro_batch_size):
+                micro_ids = step_ids[start:start + train_cfg.micro_batch_size]
+                inputs = _micro_inputs(items, micro_ids, tokenizer.pad_token_id, cache, device)
+                for name, value in _micro_step(model, teacher, *inputs, config, autocast_dtype,
+                                               tokens_in_step).items():
+                    sums[name] = sums[name] + value if name in sums else value
+                tokens_seen += sum(len(items[i].input_ids) for i in micro_ids)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, train_cfg.grad_clip))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            totals = {name: float(value) for name, value in sums.items()}  # one sync a step
+            record = {"step": step + 1, **{k: round(v, 6) for k, v in totals.items()}, "lr": lr,
+                      "grad_norm": round(grad_norm, 4), "assistant_tokens": tokens_in_step,
+                      "tokens": sum(len(item.input_ids) for item in step_items)}
+            history.append(record)
+            if (step + 1) % train_cfg.log_every == 0 or step + 1 == train_cfg.steps:
+                elapsed = time.time() - started
+                done = step + 1 - start_step
+                eta = elapsed / done * (train_cfg.steps - step - 1)
+                parts = " ".join(f"{k} {v:.4g}" for k, v in totals.items())
+                ctx.log(f"step {step + 1}/{train_cfg.steps} {parts} lr {lr:.2e} grad {grad_norm:.3f} "
+                        f"{tokens_seen / elapsed:.0f} tokens/s eta {eta:.0f}s")
+            if (step + 1) % train_cfg.checkpoint_every == 0 and step + 1 < train_cfg.steps:
+                save_checkpoint(ctx.work_dir, step + 1, model, optimizer, scheduler, history)
+    seconds = time.time() - started
     target = save_model(model, tokenizer, ctx.out_dir)
     (ctx.out_dir / TRAIN_LOG).write_text("".join(json.dumps(record) + "\n" for record in history))
     ctx.log(f"saved trained student to {target}")
     last = history[-1] if history else {}
-    return {"method": train_cfg.method, "steps": train_cfg.steps, "resumed_from_step": start_step,
-            "final_loss": last.get("loss"), "seconds": round(time.time() - started, 1),
-            "tokens_seen": sum(r.get("tokens", 0) for r in history),
-            "tokens_per_second": round(tokens_seen / max(time.time() - started, 1e-6), 1)}
+    metrics = {"method": train_cfg.method, "steps": train_cfg.steps, "resumed_from_step": start_step,
+               "final_loss": last.get("loss"), "seconds": round(seconds, 1),
+               "tokens_seen": sum(r.get("tokens", 0) for r in history),
+               "tokens_per_second": round(tokens_seen / max(seconds, 1e-6), 1)}
+    if cache_metrics:
+        metrics["teacher_cache"] = cache_metrics
+    return metrics
