@@ -1,10 +1,13 @@
 """Accuracy recovery: full precision / PTQ / QAT / QAD at several training-token budgets, side by side.
 
-Runs the flow's stages in this process (as benchmarks/run_stages_inprocess.py) once per (method, steps), reusing
-the data, import, PTQ and their evaluations of the first run, and prints perplexity, KL to the full-precision
-model, the share of the PTQ gap each run closed, and the export's KL to its student.
+Runs the flow's stages in this process (as benchmarks/run_stages_inprocess.py) once per (method, steps) or per
+(variant, steps), reusing the data, import, PTQ and their evaluations of the first run (and its teacher cache),
+and prints perplexity, KL to the full-precision model, the share of the PTQ gap each run closed, and the export's
+KL to its student.
 
     python benchmarks/recovery.py --recipe R.yaml --log-dir /tmp/rec --steps 48 190 760 --methods qad qat [--set ...]
+    python benchmarks/recovery.py --recipe R.yaml --log-dir /tmp/rec --steps 190 \
+        --variants base lr1e-4:train.lr=1e-4 top64:train.teacher_cache_topk=64,train.lr=1e-4
 """
 
 from __future__ import annotations
@@ -30,42 +33,74 @@ def metrics(experiment: Path, stage: str) -> dict:
     return json.loads((experiment / stage / "manifest.json").read_text())["metrics"]
 
 
+def row(name: str, first: Path, experiment: Path) -> str:
+    """One table row: the trained model of `experiment` against the full-precision and PTQ models of `first`."""
+    full, ptq = metrics(first, "06_eval_bf16"), metrics(first, "07_eval_ptq")
+    m, train, verify = (metrics(experiment, s) for s in ("08_eval_trained", "03_train", "05_verify"))
+    ppl_closed = gap_closed(full["ppl_assistant"], ptq["ppl_assistant"], m["ppl_assistant"])
+    kl_closed = gap_closed(0.0, ptq["kl_assistant"], m["kl_assistant"])
+    return (f"| {name} | {train['tokens_seen'] / 1e6:.2f}M | {m['ppl_assistant']:.2f} | {m['ppl_all']:.2f} | "
+            f"{m['kl_assistant']:.3f} | {m['kl_all']:.3f} | {100 * ppl_closed:.0f}% | {100 * kl_closed:.0f}% | "
+            f"{train['seconds']:.0f} | {verify.get('kl_assistant', float('nan')):.2e} |")
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """`label:section.key=value,section.key=value` (or a bare label: the recipe as it is)."""
+    label, _, settings = text.partition(":")
+    if not label or not label.replace("_", "").replace("-", "").replace(".", "").isalnum():
+        raise SystemExit(f"--variants {text!r}: expected label:section.key=value,... with a plain label")
+    return label, [item for item in settings.split(",") if item]
+
+
+def share_teacher_cache(first: Path, experiment: Path) -> None:
+    """Runs of one sweep read and write one teacher-cache folder (its files are named by their content)."""
+    source = first / ".03_train.work" / "teacher_cache"
+    target = experiment / ".03_train.work" / "teacher_cache"
+    source.mkdir(parents=True, exist_ok=True)
+    if not target.exists() and target != source:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(source.resolve(), target_is_directory=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, nargs="+", required=True)
     parser.add_argument("--methods", nargs="+", default=["qad", "qat"], choices=["qad", "qat"])
+    parser.add_argument("--variants", nargs="+", default=None,
+                        help="label:section.key=value,... runs (method from the recipe or the settings); "
+                             "replaces --methods")
     args, flow_args = parser.parse_known_args()
+    if args.variants:
+        runs = [parse_variant(v) for v in args.variants]
+    else:
+        runs = [(method, ["train.method=" + method]) for method in args.methods]
     first: Path | None = None
-    rows = []
-    for method in args.methods:
+    lines = []
+    for label, settings in runs:
         for steps in args.steps:
-            config, _ = load_config([*flow_args, "--experiment", f"rec_{method}_{steps}", "--set",
-                                     f"train.method={method}", "--set", f"train.steps={steps}"])
+            sets = [arg for item in [*settings, f"train.steps={steps}"] for arg in ("--set", item)]
+            config, _ = load_config([*flow_args, "--experiment", f"rec_{label}_{steps}", *sets])
             experiment = config.experiment_dir
             if first is not None:
                 for stage in SHARED:  # same settings, same fingerprints: these stages are skipped
                     if not (experiment / stage).exists():
                         shutil.copytree(first / stage, experiment / stage)
+                share_teacher_cache(first, experiment)
             started = time.time()
             for stage in STAGE_NAMES:
                 run_stage(stage, config.to_yaml())
             first = first or experiment
-            rows.append((method, steps, experiment, time.time() - started))
-            print(f"finished {method} {steps} steps in {time.time() - started:.0f} s", flush=True)
-    full, ptq = metrics(first, "06_eval_bf16"), metrics(first, "07_eval_ptq")
+            name = f"NVFP4 {config.train.method.upper()}" + (f" {label}" if args.variants else "")
+            lines.append(row(name, first, experiment))
+            print(f"finished {label} {steps} steps in {time.time() - started:.0f} s\n{lines[-1]}", flush=True)
+    assert first is not None
     print("\n| model | training tokens | ppl (assistant) | ppl (all) | KL (assistant) | KL (all) | "
           "ppl gap closed | KL gap closed | train s | export KL to student |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for label, m in (("full precision", full), ("NVFP4 PTQ", ptq)):
-        print(f"| {label} | | {m['ppl_assistant']:.2f} | {m['ppl_all']:.2f} | {m['kl_assistant']:.3f} | "
+    for name, m in (("full precision", metrics(first, "06_eval_bf16")), ("NVFP4 PTQ", metrics(first, "07_eval_ptq"))):
+        print(f"| {name} | | {m['ppl_assistant']:.2f} | {m['ppl_all']:.2f} | {m['kl_assistant']:.3f} | "
               f"{m['kl_all']:.3f} | | | | |")
-    for method, steps, experiment, _ in rows:
-        m, train, verify = (metrics(experiment, s) for s in ("08_eval_trained", "03_train", "05_verify"))
-        ppl_closed = gap_closed(full["ppl_assistant"], ptq["ppl_assistant"], m["ppl_assistant"])
-        kl_closed = gap_closed(0.0, ptq["kl_assistant"], m["kl_assistant"])
-        print(f"| NVFP4 {method.upper()} | {train['tokens_seen'] / 1e6:.2f}M | {m['ppl_assistant']:.2f} | "
-              f"{m['ppl_all']:.2f} | {m['kl_assistant']:.3f} | {m['kl_all']:.3f} | {100 * ppl_closed:.0f}% | "
-              f"{100 * kl_closed:.0f}% | {train['seconds']:.0f} | {verify.get('kl_assistant', float('nan')):.2e} |")
+    print("\n".join(lines))
     return 0
 
 
