@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(parser, "tensor-parallelism", type=int, help="tensor-parallel size (nemo backend)")
     _flag(parser, "pipeline-parallelism", type=int, help="pipeline-parallel size (nemo backend)")
     _flag(parser, "finetune-recipe", help="nemo backend QAT: the model's NeMo finetune recipe (e.g. qwen3_8b)")
+    _flag(parser, "nemo-env", choices=("te", "gpu-local", "cpu"),
+          help="nemo backend machine: te (NeMo container), gpu-local (GPU without Transformer Engine) or cpu")
     _flag(parser, "backend", choices=BACKENDS, help="hf (transformers + ModelOpt) or nemo (NeMo 2 / megatron-core)")
     _flag(parser, "executor", choices=EXECUTORS, help="where stages run")
     _flag(parser, "use-slurm", action="store_true", help="same as --executor slurm")
@@ -91,6 +93,10 @@ def flag_layer(args: argparse.Namespace) -> dict:
         layer.setdefault("train", {})["method"] = "qad"
     if args.use_slurm:
         layer.setdefault("run", {})["executor"] = "slurm"
+    if getattr(args, "nemo_env", None):
+        from qatflow.backends.nemo.settings import ENVIRONMENTS
+
+        layer.setdefault("nemo", {}).update(ENVIRONMENTS[args.nemo_env])
     return layer
 
 
@@ -147,10 +153,6 @@ def main(argv: list[str] | None = None) -> int:
         if config.run.executor == "slurm":
             print(graph.dry_run_scripts(config, planned))
         return 0
-    if config.run.backend == "nemo":
-        print("error: the nemo backend plans and checks settings (--dry-run) but does not run its stages in this "
-              "version; use --backend hf to run", file=sys.stderr)
-        return 2
     todo = [stage.name for stage in planned if stage.status != "done"]
     if not todo:
         print("\nevery stage is complete for these settings: nothing to run (use --force or --from-stage to redo)")

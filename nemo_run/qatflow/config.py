@@ -256,6 +256,18 @@ def _validate_nemo(config: FlowConfig) -> None:
         raise ConfigError(f"--ptq-gpus {run.ptq_gpus} is not a multiple of TP x PP = {model_parallel}")
     if nemo.sequence_parallel and run.tensor_parallelism == 1:
         raise ConfigError("nemo.sequence_parallel=true needs --tensor-parallelism > 1 (or leave it null: it follows TP)")
+    if nemo.sequence_parallel and nemo.layer_spec == "local":
+        raise ConfigError("nemo.sequence_parallel=true needs Transformer Engine norms; with nemo.layer_spec=local "
+                          "leave it null (off)")
+    if config.train.method == "qad" and config.train.temperature != 1.0:
+        raise ConfigError(f"train.temperature={config.train.temperature}: NeMo's distillation loss has no temperature; "
+                          f"use 1.0 with --backend nemo, or --backend hf")
+    if config.model.chat_template:
+        template = paths.resolve_chat_template(config.model.chat_template).read_text()
+        if "generation" not in template:
+            raise ConfigError(f"--chat-template {config.model.chat_template}: NeMo's chat data needs "
+                              f"{{% generation %}} tags around assistant replies for assistant-only loss; use a "
+                              f"template shipped in chat_templates/ or add the tags")
     if nemo.layer_spec == "local" and nemo.fusions:
         raise ConfigError("nemo.fusions need Transformer Engine: with nemo.layer_spec=local set nemo.fusions=false")
     if config.train.global_batch_size % (config.train.micro_batch_size * (total_train // model_parallel)):

@@ -52,11 +52,23 @@ def forget(config: FlowConfig, planned: list[PlannedStage]) -> None:
             shutil.rmtree(output.work_dir, ignore_errors=True)
 
 
+def local_tasks(config: FlowConfig, stage: str) -> int:
+    """Processes of a stage on this machine: the nemo backend runs one per GPU of the stage."""
+    if config.run.backend != "nemo" or not stage:
+        return 1
+    from qatflow.backends.nemo.settings import parallelism
+
+    return parallelism(config, stage).devices
+
+
 def make_executor(config: FlowConfig, resources: str, stage: str = ""):
     import nemo_run as run
 
     if config.run.executor == "local":
-        return run.LocalExecutor(ntasks_per_node=1, env_vars=dict(JOB_ENV))
+        tasks = local_tasks(config, stage)
+        # Several GPUs: one process each, started by torchrun (NeMo's strategy reads its ranks from there).
+        return run.LocalExecutor(ntasks_per_node=tasks, launcher="torchrun" if tasks > 1 else None,
+                                 env_vars=dict(JOB_ENV))
     if config.run.executor == "slurm":
         from qatflow import slurm
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,12 +54,17 @@ def run_stage(stage: str, config_yaml: str) -> None:
             raise StageInputError(f"{stage} needs {dep}, which has no complete result for these settings "
                                   f"in {dep_dir}: run the flow again without --from-stage, or fix {dep} first")
         inputs[dep] = dep_dir
-    partial = output.begin()
+    # Several processes (torchrun, one per GPU) run a multi-GPU stage: they share its partial folder, and rank 0
+    # alone writes the manifest, once the stage's own collectives have every rank's files on disk.
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    partial = output.begin(rank, world_size)
     ctx = StageContext(config=config, stage=stage, out_dir=partial, final_dir=output.final_dir,
                        work_dir=output.work_dir, inputs=inputs)
     ctx.log(f"starting: {spec.summary}")
     module = importlib.import_module(f"qatflow.stages.{spec.module}")
     metrics: dict[str, Any] = module.run(ctx) or {}
+    if rank != 0:
+        return
     input_record = {dep: {"path": str(path), "fingerprint": prints[dep]} for dep, path in inputs.items()}
     final = output.commit(input_record, metrics, config.section_hash(*spec.sections) if spec.sections else "")
     ctx.log(f"done -> {final}")
