@@ -63,7 +63,7 @@ def test_bad_overrides_name_the_setting(override, message):
     (["--train-gpus", "8"], "--backend nemo"),
     (["--executor", "slurm"], "needs --slurm-profile"),
     (["--use-slurm"], "needs --slurm-profile"),
-    (["--executor", "docker"], "not available"),
+    (["--executor", "docker", "--set", "docker.packaging=zip"], "docker.packaging"),
     (["--recipe", "no_such_recipe"], "smollm2_135m_qad"),
     (["--chat-template", "missing.jinja"], "no such file"),
     (["--data-path", "missing.jsonl"], "no such file"),

@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     planned = graph.plan(config, force=args.force, from_stage=args.from_stage)
     print(graph.describe(config, planned))
     if args.dry_run:
-        if config.run.executor == "slurm":
+        if config.run.executor in ("slurm", "docker"):
             print(graph.dry_run_scripts(config, planned))
         return 0
     todo = [stage.name for stage in planned if stage.status != "done"]

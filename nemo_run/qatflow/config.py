@@ -8,9 +8,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Dict, List, Optional
 
 import yaml
 from omegaconf import OmegaConf
@@ -30,6 +31,7 @@ EXECUTORS = ("local", "slurm", "docker")
 TRAIN_METHODS = ("qad", "qat")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
+DOCKER_PACKAGING = ("tree", "installed")
 
 
 @dataclass
@@ -149,6 +151,29 @@ class RunConfig:
 
 
 @dataclass
+class DockerConfig:
+    """--executor docker: every stage as a container of `image` on this machine (nemo_run's DockerExecutor), run as
+    the user who runs the flow, with the experiment folder and local inputs mounted at their own paths."""
+
+    image: str = "qatflow:latest"  # built from docker/Dockerfile; must be on the daemon already (nothing is pulled)
+    # Request GPUs for ptq and train stages, one per process of the stage; false on a machine without the NVIDIA
+    # Container Toolkit: stages then run on CPU.
+    gpus: bool = True
+    # tree: ship nemo_run/qatflow of this checkout with every stage (edits run without a rebuild); installed: the
+    # qatflow installed in the image.
+    packaging: str = "tree"
+    hf_cache: Optional[str] = None  # mounted at /hf_cache (HF_HOME); None: $HF_HOME, else ~/.cache/huggingface
+    mounts: List[str] = field(default_factory=list)  # more bind mounts, "host_path:container_path[:ro]"
+    # docker run --ulimit values: NCCL pins host memory, megatron-core threads need deep stacks. A daemon without
+    # CAP_SYS_RESOURCE (inside another container) cannot raise them: set [] there.
+    ulimits: List[str] = field(default_factory=lambda: ["memlock=-1", "stack=67108864"])
+    env: Dict[str, str] = field(default_factory=dict)  # plain settings for every container
+    # Names of variables (HF_TOKEN) that containers receive from this environment, as files in a private folder:
+    # their values are never written into nemo_run's records or the logs.
+    secrets: List[str] = field(default_factory=list)
+
+
+@dataclass
 class FlowConfig:
     recipe: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -159,6 +184,7 @@ class FlowConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     nemo: NemoConfig = field(default_factory=NemoConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    docker: DockerConfig = field(default_factory=DockerConfig)
 
     @property
     def experiment_dir(self) -> Path:
@@ -276,6 +302,30 @@ def _validate_nemo(config: FlowConfig) -> None:
                           f"{total_train // model_parallel}")
 
 
+def _validate_docker(config: FlowConfig) -> None:
+    docker = config.docker
+    if not docker.image.strip():
+        raise ConfigError("docker.image is empty; name the image built from docker/Dockerfile (default qatflow:latest)")
+    _choice(docker.packaging, DOCKER_PACKAGING, "docker.packaging")
+    if config.run.train_nodes != 1:
+        raise ConfigError(f"--train-nodes {config.run.train_nodes}: --executor docker runs on this machine only; use "
+                          f"--executor slurm for several nodes")
+    for mount in docker.mounts:
+        host, _, rest = mount.partition(":")
+        target, _, mode = rest.partition(":")
+        if not (host.startswith("/") and target.startswith("/")) or mode not in ("", "ro", "rw"):
+            raise ConfigError(f"docker.mounts entry {mount!r}: expected /host/path:/container/path[:ro]")
+    for ulimit in docker.ulimits:
+        if not re.fullmatch(r"[a-z]+=-?\d+(:-?\d+)?", ulimit):
+            raise ConfigError(f"docker.ulimits entry {ulimit!r}: expected name=soft[:hard], e.g. memlock=-1")
+    for name in docker.secrets:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ConfigError(f"docker.secrets entry {name!r} is not a variable name; list names, never values")
+        if name in docker.env:
+            raise ConfigError(f"{name} is both in docker.env and docker.secrets; keep it in secrets only (values in "
+                              f"docker.env are written into nemo_run's records)")
+
+
 def validate(config: FlowConfig) -> None:
     """Checks that need no model and no cluster: they fail before anything is queued."""
     _choice(config.ptq.algorithm, ALGORITHMS, "ptq.algorithm (--algorithm)")
@@ -289,7 +339,7 @@ def validate(config: FlowConfig) -> None:
     if config.run.backend == "nemo":
         _validate_nemo(config)
     if config.run.executor == "docker":
-        raise ConfigError("--executor docker is not available in this version; use --executor local or slurm")
+        _validate_docker(config)
     if config.run.executor == "slurm" and not config.run.slurm_profile:
         raise ConfigError("--executor slurm needs --slurm-profile slurm/<cluster>.yaml (or $QATFLOW_SLURM_PROFILE); "
                           "see slurm/README.md")

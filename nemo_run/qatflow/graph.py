@@ -34,7 +34,8 @@ def plan(config: FlowConfig, force: bool = False, from_stage: str | None = None)
         status = "forced" if spec.name in forced else ("done" if done else "pending")
         runs_after: tuple[str, ...] = ()
         if status != "done":
-            if config.run.executor == "local" and pending:
+            # One machine (local, docker): one stage at a time; its GPUs are not shared out between containers.
+            if config.run.executor in ("local", "docker") and pending:
                 runs_after = (pending[-1],)
             else:
                 runs_after = tuple(dep for dep in spec.depends if dep in pending)
@@ -73,6 +74,10 @@ def make_executor(config: FlowConfig, resources: str, stage: str = ""):
         from qatflow import slurm
 
         return slurm.make_executor(config, resources, stage, base_env=dict(JOB_ENV))
+    if config.run.executor == "docker":
+        from qatflow import docker
+
+        return docker.make_executor(config, resources, stage, base_env=dict(JOB_ENV))
     raise NotImplementedError(f"executor {config.run.executor}")  # rejected earlier by config.validate
 
 
@@ -138,10 +143,18 @@ def check_executor(config: FlowConfig, planned: list[PlannedStage]) -> None:
         from qatflow import slurm
 
         slurm.check_cluster(config, [stage.name for stage in planned if stage.status != "done"])
+    if config.run.executor == "docker":
+        from qatflow import docker
+
+        docker.check_daemon(config, [stage.name for stage in planned if stage.status != "done"])
 
 
 def dry_run_scripts(config: FlowConfig, planned: list[PlannedStage]) -> str:
-    """What a dry run adds for a batch executor: the job scripts (Slurm: sbatch scripts)."""
+    """What a dry run adds for a batch executor: the job scripts (Slurm: sbatch scripts; Docker: the containers)."""
+    if config.run.executor == "docker":
+        from qatflow import docker
+
+        return docker.dry_run(config, planned, make_executor)
     from qatflow import slurm
 
     return slurm.dry_run(config, planned, add_tasks)
@@ -154,6 +167,10 @@ def run_experiment(config: FlowConfig, planned: list[PlannedStage]) -> list[str]
 
         # Success comes from the jobs' real states (and the stage manifests where they are visible).
         return slurm.submit(config, planned, add_tasks)
+    if config.run.executor == "docker":
+        from qatflow import docker
+
+        return docker.run_stages(config, planned, add_tasks, open_experiment)
     with open_experiment(config) as experiment:
         add_tasks(experiment, config, planned)
         experiment.run(detach=False, tail_logs=True)
@@ -168,6 +185,10 @@ def stage_log(config: FlowConfig, stage: str) -> Path | None:
         from qatflow import slurm
 
         return slurm.stage_log(config, stage)
+    if config.run.executor == "docker":
+        from qatflow import docker
+
+        return docker.stage_log(config, stage)
     root = config.experiment_dir / "nemo_run"
     logs = sorted(root.rglob(f"{stage}/0/combined.log"), key=lambda p: p.stat().st_mtime) if root.exists() else []
     return logs[-1] if logs else None

@@ -44,6 +44,16 @@ def preflight(config: FlowConfig) -> None:
         if config.run.device == "cuda" and cluster_device == "cpu":
             raise ConfigError("run.device=cuda but the Slurm profile has gpus: false; use --device cpu or auto")
         device = cluster_device if config.run.device == "auto" else config.run.device
+    elif config.run.executor == "docker":
+        # The containers' devices: GPUs only where docker.gpus requests them.
+        if config.run.device == "cuda" and not config.docker.gpus:
+            raise ConfigError("run.device=cuda but docker.gpus=false; use --device cpu or auto, or request GPUs "
+                              "with --set docker.gpus=true")
+        device = ("cuda" if config.docker.gpus else "cpu") if config.run.device == "auto" else config.run.device
+        for mount in config.docker.mounts:
+            if not Path(mount.split(":")[0]).exists():
+                raise ConfigError(f"docker.mounts entry {mount!r}: {mount.split(':')[0]} does not exist on this "
+                                  f"machine")
     else:
         device = resolve_device(config.run.device)
     if device == "cuda" and config.run.executor == "local":

@@ -38,8 +38,24 @@ class StageContext:
         print(f"[{self.stage} {elapsed:7.1f}s] {message}", flush=True)
 
 
+# A folder of files named after variables (HF_TOKEN): how containers of --executor docker receive secrets.
+SECRETS_DIR_ENV = "QATFLOW_SECRETS_DIR"
+
+
+def load_secrets() -> list[str]:
+    """Sets each secret file of $QATFLOW_SECRETS_DIR as a variable, unless the variable is set; returns the names."""
+    folder = os.environ.get(SECRETS_DIR_ENV)
+    if not folder or not Path(folder).is_dir():
+        return []
+    names = sorted(path.name for path in Path(folder).iterdir() if path.is_file())
+    for name in names:
+        os.environ.setdefault(name, (Path(folder) / name).read_text())
+    return names
+
+
 def run_stage(stage: str, config_yaml: str) -> None:
     """The function each nemo_run task calls."""
+    secrets = load_secrets()
     config = FlowConfig.from_yaml(config_yaml)
     spec = BY_NAME[stage]
     prints = fingerprints(config)
@@ -61,6 +77,8 @@ def run_stage(stage: str, config_yaml: str) -> None:
     ctx = StageContext(config=config, stage=stage, out_dir=partial, final_dir=output.final_dir,
                        work_dir=output.work_dir, inputs=inputs)
     ctx.log(f"starting: {spec.summary}")
+    if secrets:
+        ctx.log(f"secrets received: {', '.join(secrets)}")
     module = importlib.import_module(f"qatflow.stages.{spec.module}")
     metrics: dict[str, Any] = module.run(ctx) or {}
     if rank != 0:

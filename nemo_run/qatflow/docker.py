@@ -1,0 +1,378 @@
+"""Docker: every stage as a container of the qatflow image on this machine, through nemo_run's DockerExecutor.
+
+Settings live in the `docker` section (qatflow.config.DockerConfig). Containers run as the user who runs the flow,
+so what a stage writes to the mounted experiment folder is that user's, whatever UID the image was built with. The
+experiment folder is mounted at the same path, so manifests and outputs land on the host where the flow reads them;
+local inputs (data, model, tokenizer, chat template) are mounted read-only at their paths. Nothing is pulled: the
+image must be on the daemon, and stages run the exact image (by id) that the checks found.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import nemo_run as run
+
+from qatflow.config import ConfigError, FlowConfig
+from qatflow.manifest import is_complete
+from qatflow.stages import BY_NAME, fingerprints
+from qatflow.stages.runner import SECRETS_DIR_ENV
+
+# Where nemo_run mounts a job's folder (scripts, shipped code, logs) and runs from (its code/ folder).
+RUNDIR = "/nemo_run"
+HF_CACHE = "/hf_cache"  # HF_HOME of the image (docker/Dockerfile)
+SECRETS_MOUNT = "/run/qatflow-secrets"
+IPC_MODE = "host"  # NCCL and dataloader workers share memory through /dev/shm (64 MB in a default container)
+PROBE_MARK = "qatflow-probe:"
+
+# Image name -> the id the checks found: stages run that exact image, and nemo_run (which pulls every image by
+# name before it starts a container, falling back to the local one) pulls nothing.
+_image_ids: dict[str, str] = {}
+# The private folder that hands secrets to the containers, while a run is under way.
+_secrets_dir: list[str] = []
+
+
+def host_user() -> str:
+    """UID:GID the containers run as: files on mounted folders stay the caller's, and the caller can write there."""
+    return f"{os.getuid()}:{os.getgid()}"
+
+
+def hf_cache(config: FlowConfig) -> Path:
+    chosen = config.docker.hf_cache or os.environ.get("HF_HOME") or "~/.cache/huggingface"
+    return Path(chosen).expanduser().resolve()
+
+
+def stage_gpus(config: FlowConfig, stage: str) -> int:
+    """GPUs the container of a stage requests (0: none): one per process of a ptq or train stage."""
+    from qatflow.graph import local_tasks
+
+    if not config.docker.gpus or BY_NAME[stage].resources == "cpu":
+        return 0
+    return local_tasks(config, stage)
+
+
+def input_paths(config: FlowConfig) -> list[str]:
+    """Files and folders on this machine that stages read, besides the experiment folder."""
+    found = []
+    for value in (config.data.path, config.model.name, config.model.hf_tokenizer, config.model.chat_template):
+        if value and value.startswith("/") and os.path.exists(value):
+            found.append(str(Path(value).resolve()))
+    return found
+
+
+def volumes(config: FlowConfig) -> list[str]:
+    """host:container[:mode] bind mounts of every stage, besides nemo_run's own job folder."""
+    experiment = str(config.experiment_dir.resolve())
+    mounts = [f"{experiment}:{experiment}"]
+    for path in input_paths(config):
+        if path != experiment and not path.startswith(experiment + "/") and f"{path}:{path}:ro" not in mounts:
+            mounts.append(f"{path}:{path}:ro")
+    mounts.append(f"{hf_cache(config)}:{HF_CACHE}")
+    mounts.extend(config.docker.mounts)
+    if config.docker.secrets:
+        folder = _secrets_dir[-1] if _secrets_dir else "<private folder made at run time>"
+        mounts.append(f"{folder}:{SECRETS_MOUNT}:ro")
+    return mounts
+
+
+def ulimits(config: FlowConfig) -> list[str]:
+    """docker.ulimits (name=soft[:hard]) in nemo_run's form, name:soft:hard."""
+    limits = []
+    for ulimit in config.docker.ulimits:
+        name, _, values = ulimit.partition("=")
+        soft, _, hard = values.partition(":")
+        limits.append(f"{name}:{soft}:{hard or soft}")
+    return limits
+
+
+def make_packager(config: FlowConfig):
+    if config.docker.packaging == "installed":
+        return run.Packager()
+    package_dir = Path(__file__).resolve().parent
+    # The archive holds qatflow/ at its top and unpacks into /nemo_run/code, where the job starts `python -m`: that
+    # folder comes first on sys.path, before the image's installed copy.
+    return run.PatternPackager(include_pattern=str(package_dir), relative_path=str(package_dir.parent))
+
+
+def make_executor(config: FlowConfig, resources: str, stage: str, base_env: dict[str, str]):
+    """The DockerExecutor of one stage: the image, this user, its GPUs, the mounts and the environment."""
+    from qatflow.slurm import GPU_JOB_ENV
+
+    from qatflow.graph import local_tasks
+
+    settings = config.docker
+    gpus = stage_gpus(config, stage)
+    tasks = local_tasks(config, stage)
+    env = dict(base_env)
+    if gpus:
+        env.update(GPU_JOB_ENV)
+    # The caller's UID may have no home in the image; libraries that cache under $HOME need a writable one.
+    env.update({"HF_HOME": HF_CACHE, "HOME": "/tmp"})
+    env.update(settings.env)
+    if settings.secrets:
+        env[SECRETS_DIR_ENV] = SECRETS_MOUNT
+    return run.DockerExecutor(
+        container_image=_image_ids.get(settings.image, settings.image),
+        # Several GPUs (nemo backend): one process each, started by torchrun, as with the local executor.
+        ntasks_per_node=tasks,
+        launcher="torchrun" if tasks > 1 else None,
+        num_gpus=gpus or None,
+        ipc_mode=IPC_MODE,
+        ulimits=ulimits(config),
+        volumes=volumes(config),
+        env_vars=env,
+        additional_kwargs={"user": host_user()},
+        packager=make_packager(config),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checks against the daemon and the image (before anything is queued)
+
+
+def _client():
+    try:
+        import docker as docker_sdk
+    except ImportError:
+        raise ConfigError("--executor docker needs the `docker` Python package (pip install docker; ./install.sh "
+                          "installs it)") from None
+    where = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    try:
+        client = docker_sdk.from_env(timeout=30)
+        client.ping()
+    except Exception as error:  # no socket, refused, no permission: the SDK raises several kinds
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError(f"--executor docker: cannot reach the Docker daemon at {where} ({reason}); start it "
+                          f"(systemctl start docker, or dockerd) or point DOCKER_HOST at it, and make sure this user "
+                          f"may use its socket (the docker group)") from None
+    return client
+
+
+def _probe_script(config: FlowConfig) -> str:
+    """What the probe container prints: who it runs as, which Python packages the stages need are missing, and
+    whether it can write the experiment folder."""
+    modules = ["nemo_run", "omegaconf", "yaml"] + (["qatflow"] if config.docker.packaging == "installed" else [])
+    experiment = shlex.quote(str(config.experiment_dir.resolve()))
+    check = ("import importlib.util as u; "
+             f"print('{PROBE_MARK}missing=' + ','.join(m for m in {modules!r} if u.find_spec(m) is None))")
+    return "\n".join([
+        f'echo "{PROBE_MARK}user=$(id -u):$(id -g)"',
+        f'if command -v python >/dev/null; then python -c "{check}"; else echo "{PROBE_MARK}nopython"; fi',
+        f"probe={experiment}/.qatflow-write-probe-$$",
+        f'if (: > "$probe") 2>/dev/null; then rm -f "$probe"; echo "{PROBE_MARK}writable"; fi',
+    ])
+
+
+def check_daemon(config: FlowConfig, stages: list[str]) -> None:
+    """The daemon answers, the image is there, and a container of it, run as this user with the stages' mounts and
+    GPUs, has bash, Python and nemo_run and can write the experiment folder."""
+    from docker.errors import APIError, ImageNotFound
+    from docker.types import DeviceRequest, Ulimit
+
+    settings = config.docker
+    for name in settings.secrets:
+        if not os.environ.get(name):
+            raise ConfigError(f"docker.secrets: {name} is not set in this environment; export it before running "
+                              f"(containers receive it as a file, it is never written into settings or logs)")
+    client = _client()
+    try:
+        image = client.images.get(settings.image)
+    except ImageNotFound:
+        raise ConfigError(f"docker.image={settings.image!r} is not on this machine's Docker daemon (--executor docker "
+                          f"pulls nothing); build it from the repository root: docker build -f docker/Dockerfile -t "
+                          f"{settings.image} --build-arg USER_UID=$(id -u) --build-arg USER_GID=$(id -g) . "
+                          f"(or set docker.image to a local image)") from None
+    # Bind mounts of missing folders would be created by the daemon, owned by root: make them here, as this user.
+    config.experiment_dir.mkdir(parents=True, exist_ok=True)
+    hf_cache(config).mkdir(parents=True, exist_ok=True)
+    gpus = max((stage_gpus(config, stage) for stage in stages), default=0)
+    mounts = [mount for mount in volumes(config) if not mount.endswith(f":{SECRETS_MOUNT}:ro")]
+    limits = [Ulimit(name=name, soft=int(soft), hard=int(hard))
+              for name, soft, hard in (limit.split(":") for limit in ulimits(config))]
+    probe = None
+    try:
+        probe = client.containers.create(
+            image.id, ["bash", "-c", _probe_script(config)], user=host_user(), volumes=mounts, network_mode="none",
+            ipc_mode=IPC_MODE, ulimits=limits or None,
+            device_requests=[DeviceRequest(count=gpus, capabilities=[["compute", "utility"]])] if gpus else None)
+        probe.start()
+        probe.wait(timeout=300)
+        output = probe.logs(stdout=True, stderr=True).decode(errors="replace")
+    except APIError as error:
+        reason = _reason(error)
+        if gpus and re.search(r"device driver|gpu|nvidia", reason, re.I):
+            raise ConfigError(f"docker.gpus=true but the Docker daemon cannot give containers GPUs ({reason}); "
+                              f"install the NVIDIA Container Toolkit and restart dockerd, or run on CPU with "
+                              f"--set docker.gpus=false") from None
+        if re.search(r"rlimit", reason, re.I):
+            raise ConfigError(f"docker.ulimits={list(settings.ulimits)}: the daemon may not raise these limits "
+                              f"({reason}); a daemon without CAP_SYS_RESOURCE (inside another container) needs "
+                              f"--set 'docker.ulimits=[]'") from None
+        if re.search(r"executable file not found|no such file", reason, re.I):
+            raise ConfigError(f"docker.image={settings.image!r} has no bash ({reason}); nemo_run runs every stage "
+                              f"through bash: build the image from docker/Dockerfile") from None
+        raise ConfigError(f"docker.image={settings.image!r}: the daemon refused a test container ({reason}); "
+                          f"check docker.mounts and the image") from None
+    finally:
+        if probe is not None:  # also when it never started
+            with suppress(APIError):
+                probe.remove(force=True)
+    marks = {line[len(PROBE_MARK):] for line in output.splitlines() if line.startswith(PROBE_MARK)}
+    if "nopython" in marks:
+        raise ConfigError(f"docker.image={settings.image!r} has no `python` on its PATH; build it from "
+                          f"docker/Dockerfile")
+    missing = next((mark.partition("=")[2] for mark in marks if mark.startswith("missing=")), "")
+    if missing:
+        raise ConfigError(f"docker.image={settings.image!r} lacks the Python packages {missing}; build it from "
+                          f"docker/Dockerfile (docker.packaging=installed also needs qatflow installed in it)")
+    if "writable" not in marks:
+        user = next((mark.partition("=")[2] for mark in marks if mark.startswith("user=")), host_user())
+        raise ConfigError(f"--log-dir {config.run.log_dir}: a container running as {user} cannot write "
+                          f"{config.experiment_dir} (rootless Docker, user namespaces or a root-squashed mount map "
+                          f"UIDs); use a --log-dir this user owns on a local disk, or a rootful daemon")
+    _image_ids[settings.image] = image.id
+
+
+def _reason(error: Exception) -> str:
+    """The daemon's own words: the last line of its message."""
+    text = str(getattr(error, "explanation", None) or getattr(error, "stderr", None) or error)
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(error).__name__
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dry run, run, logs
+
+
+def docker_run_line(executor, stage: str) -> str:
+    """The `docker run` a DockerExecutor's settings amount to (nemo_run starts it through the Docker API)."""
+    words = ["docker", "run", "--rm", "--user", executor.additional_kwargs.get("user", "")]
+    if executor.num_gpus:
+        words += ["--gpus", "all" if executor.num_gpus < 0 else str(executor.num_gpus)]
+    words += [f"--ipc={executor.ipc_mode}"] if executor.ipc_mode else []
+    for ulimit in executor.ulimits:
+        name, soft, hard = (ulimit.split(":") + [""])[:3]
+        words += ["--ulimit", f"{name}={soft}" + (f":{hard}" if hard and hard != soft else "")]
+    words += [f"--network={executor.network}"]
+    for mount in [*executor.volumes, f"<job folder>:{RUNDIR}"]:
+        words += ["-v", mount]
+    for key, value in executor.env_vars.items():
+        words += ["-e", f"{key}={value}"]
+    # nemo_run 0.11.1 runs a task this way, its output also teed to log_<container>.out in the job folder.
+    runner = f"-m nemo_run.core.runners.fdl_runner -n {stage} {RUNDIR}/configs/{stage}_fn_or_script"
+    tasks = executor.ntasks_per_node
+    command = f"torchrun --nnodes 1 --nproc-per-node {tasks} {runner}" if tasks > 1 else f"python {runner}"
+    words += ["-w", f"{RUNDIR}/code", executor.container_image, "bash", "-c", command]
+    return " ".join(word if word.startswith("<job folder>") else shlex.quote(word) for word in words)
+
+
+def dry_run(config: FlowConfig, planned, make_executor_of: Callable) -> str:
+    """Each pending stage's container: what runs, as a `docker run` line. Needs no daemon."""
+    lines = ["", f"containers of image {config.docker.image}, as this user ({host_user()}); the experiment folder "
+                 f"and local inputs are mounted at their own paths"]
+    for stage in planned:
+        if stage.status == "done":
+            continue
+        executor = make_executor_of(config, BY_NAME[stage.name].resources, stage.name)
+        gpus = executor.num_gpus or 0
+        lines += ["", f"# ---- {stage.name}: {gpus} GPU(s), after {', '.join(stage.runs_after) or 'nothing'}",
+                  docker_run_line(executor, stage.name)]
+    return "\n".join(lines)
+
+
+@contextmanager
+def _secrets_folder(config: FlowConfig) -> Iterator[Optional[Path]]:
+    """The secrets' values as files in a private folder (in memory where /dev/shm exists), mounted read-only into
+    every container and removed afterwards: nemo_run writes each job's settings and environment down, so values
+    never go there."""
+    if not config.docker.secrets:
+        yield None
+        return
+    shm = Path("/dev/shm")
+    folder = Path(tempfile.mkdtemp(prefix="qatflow-secrets-", dir=shm if os.access(shm, os.W_OK) else None))
+    try:
+        for name in config.docker.secrets:
+            path = folder / name
+            path.touch(mode=0o600)
+            path.write_text(os.environ[name])
+        _secrets_dir.append(str(folder))
+        yield folder
+    finally:
+        if str(folder) in _secrets_dir:
+            _secrets_dir.remove(str(folder))
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def run_stages(config: FlowConfig, planned, add_tasks: Callable, open_experiment: Callable) -> list[str]:
+    """Runs the pending stages one container after another; returns the stages without a complete result (read from
+    the manifests, which the mounted experiment folder brings back here)."""
+    from docker.errors import DockerException
+
+    # nemo_run unpacks each stage's code through invoke, which mirrors this process's stdin into the command: give it
+    # nothing to read (a terminal's keystrokes, or a test runner's captured input).
+    stdin, experiment = sys.stdin, None
+    with _secrets_folder(config), open(os.devnull) as nothing:
+        sys.stdin = nothing
+        try:
+            with open_experiment(config) as experiment:
+                add_tasks(experiment, config, planned)
+                with _stop_on_interrupt(experiment):
+                    experiment.run(detach=False, tail_logs=True)
+        except DockerException as error:  # a container the daemon would not start; the stages after it never ran
+            print(f"error: the Docker daemon refused a stage's container: {_reason(error)}", file=sys.stderr)
+        finally:
+            sys.stdin = stdin
+            # nemo_run 0.11.1 leaves its Docker scheduler to garbage collection: close it while the daemon is there.
+            runner = getattr(experiment, "_runner", None)
+            if runner is not None:
+                with suppress(Exception):
+                    runner.close()
+    prints = fingerprints(config)
+    return [stage.name for stage in planned
+            if stage.status != "done" and not is_complete(config.experiment_dir / stage.name, prints[stage.name])]
+
+
+@contextmanager
+def _stop_on_interrupt(experiment) -> Iterator[None]:
+    """Ctrl-C reaches this process, not the container, and nemo_run would go on waiting for the stage: cancel its
+    container (nemo_run then records the stage as failed), launch nothing more, and exit 130."""
+
+    from torchx.specs.api import is_terminal
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGINT, previous)  # a second Ctrl-C leaves at once
+        print("\ninterrupted: removing the running stage's container", file=sys.stderr, flush=True)
+        for job in experiment.jobs:
+            if job.launched and not is_terminal(job.state):  # finished stages keep their records
+                experiment.cancel(job.id)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may handle signals
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, stop)
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def stage_log(config: FlowConfig, stage: str) -> Optional[Path]:
+    """The newest container log of `stage` (nemo_run's job folder: log_<experiment id>-<stage>.out)."""
+    root = config.experiment_dir / "nemo_run"
+    logs = sorted(root.rglob(f"{stage}/log_*.out"), key=lambda p: p.stat().st_mtime) if root.exists() else []
+    return logs[-1] if logs else None
