@@ -89,10 +89,10 @@ def settings_importer(config: FlowConfig, hf_dir: Path):
             if config.nemo.layer_spec != "local":
                 return super().convert_state(source_model, target)
             core = target.module if hasattr(target, "module") else target
-            # Local-spec norms are created in fp32; the mapping keeps the HF checkpoint's dtype.
-            for layer in core.decoder.layers:
-                for norm_name in TE_NORM_NAMES:
-                    getattr(layer, norm_name).to(source_model.dtype)
+            # Local-spec norms (per layer, q/k and final) are created in fp32; the mapping keeps the HF dtype.
+            for name, module in core.named_modules():
+                if name.rsplit(".", 1)[-1].endswith("layernorm"):
+                    module.to(source_model.dtype)
             with te_norm_names(target):
                 return super().convert_state(source_model, target)
 
