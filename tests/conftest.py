@@ -45,3 +45,18 @@ def run_flow(*args: str, cwd: Path = REPO, timeout: int = 900, entry: Path = ENT
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, str(entry), *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Running processes (other than this one) whose command line contains `text`: what a test left behind."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{proc.name}: {cmdline[:200]}")
+    return found

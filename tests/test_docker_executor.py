@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_flow
+from conftest import REPO, processes_mentioning, run_flow
 
 from qatflow import cli, docker, graph
 from qatflow.config import ConfigError
@@ -172,19 +172,6 @@ def _answers(env: dict[str, str]) -> bool:
         return False
 
 
-def _processes_mentioning(text: str) -> list[str]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
-            try:
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if text in cmdline:
-                found.append(f"{proc.name}: {cmdline[:200]}")
-    return found
-
-
 @dataclass
 class Daemon:
     env: dict[str, str]  # DOCKER_HOST and the rest of the environment that reaches it
@@ -239,7 +226,7 @@ def docker_daemon():
             daemon.kill()
             daemon.wait(timeout=30)
         log.close()
-        leftovers = _processes_mentioning(str(state)) + _processes_mentioning(str(data_root))
+        leftovers = processes_mentioning(str(state)) + processes_mentioning(str(data_root))
         mounts = [line for line in Path("/proc/mounts").read_text().splitlines()
                   if str(state) in line or str(data_root) in line]
         if not leftovers and not mounts:

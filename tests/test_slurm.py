@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ENTRY, REPO, run_flow
+from conftest import ENTRY, REPO, processes_mentioning, run_flow
 
 from qatflow import cli, slurm
 from qatflow.config import ConfigError
@@ -167,20 +167,6 @@ def _free_port_base(count: int = 4) -> int:
     raise RuntimeError("no four free TCP ports")
 
 
-def _processes_mentioning(text: str) -> list[str]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmdline:
-            found.append(f"{proc.name}: {cmdline[:200]}")
-    return found
-
-
 @pytest.fixture(scope="session")
 def slurm_cluster():
     """Starts the cluster with slurm/local-cluster.sh (installing the Debian packages if missing); stops exactly
@@ -208,7 +194,7 @@ def slurm_cluster():
         down = subprocess.run(["bash", str(CLUSTER_SCRIPT), "down"], env=env, capture_output=True, text=True,
                               timeout=300)
         alive = [f"{daemon} {pid}" for daemon, pid in started.items() if Path(f"/proc/{pid}").exists()]
-        leftovers = _processes_mentioning(str(state)) + _processes_mentioning("slurmstepd")
+        leftovers = processes_mentioning(str(state)) + processes_mentioning("slurmstepd")
         shutil.rmtree(state, ignore_errors=True)
         shutil.rmtree(home, ignore_errors=True)
         assert down.returncode == 0, down.stdout + down.stderr

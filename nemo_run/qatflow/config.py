@@ -318,12 +318,18 @@ def _validate_docker(config: FlowConfig) -> None:
     for ulimit in docker.ulimits:
         if not re.fullmatch(r"[a-z]+=-?\d+(:-?\d+)?", ulimit):
             raise ConfigError(f"docker.ulimits entry {ulimit!r}: expected name=soft[:hard], e.g. memlock=-1")
-    for name in docker.secrets:
+    check_secret_names(docker.secrets, docker.env, prefix="", entry="docker.secrets entry",
+                       both="docker.env and docker.secrets", values_go="docker.env are written into nemo_run's records")
+
+
+def check_secret_names(secrets, env, prefix: str, entry: str, both: str, values_go: str) -> None:
+    """Secrets are listed by variable name, and never also given a value in the environment settings, whose
+    values are written where `values_go` says."""
+    for name in secrets:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-            raise ConfigError(f"docker.secrets entry {name!r} is not a variable name; list names, never values")
-        if name in docker.env:
-            raise ConfigError(f"{name} is both in docker.env and docker.secrets; keep it in secrets only (values in "
-                              f"docker.env are written into nemo_run's records)")
+            raise ConfigError(f"{prefix}{entry} {name!r} is not a variable name; list names, never values")
+        if name in env:
+            raise ConfigError(f"{prefix}{name} is both in {both}; keep it in secrets only (values in {values_go})")
 
 
 def validate(config: FlowConfig) -> None:

@@ -24,7 +24,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from qatflow import paths
-from qatflow.config import ConfigError, FlowConfig
+from qatflow.config import ConfigError, FlowConfig, check_secret_names
 from qatflow.manifest import is_complete
 from qatflow.stages import BY_NAME, fingerprints
 
@@ -237,12 +237,8 @@ def check_profile(config: FlowConfig) -> SlurmProfile:
         parts = mount.split(":")
         if len(parts) not in (2, 3) or not all(parts[:2]) or not parts[1].startswith("/"):
             raise ConfigError(f"{where}: container.mounts entry {mount!r}: expected host_path:container_path[:flags]")
-    for name in profile.secrets:
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-            raise ConfigError(f"{where}: secrets entry {name!r} is not a variable name; list names, never values")
-        if name in profile.env:
-            raise ConfigError(f"{where}: {name} is both in env and in secrets; keep it in secrets only (values in "
-                              f"env are written into the job scripts)")
+    check_secret_names(profile.secrets, profile.env, prefix=f"{where}: ", entry="secrets entry",
+                       both="env and in secrets", values_go="env are written into the job scripts")
 
     run_settings = config.run
     replica = run_settings.tensor_parallelism * run_settings.pipeline_parallelism

@@ -110,50 +110,42 @@ def _install_torch_stand_ins() -> None:
     torch.Tensor.to = to
 
 
-@patches("megatron.core.dist_checkpointing.strategies.filesystem_async")
-def _sync_before_host_copy(module):
-    expect(module.FileSystemWriterAsync.preload_tensors, "torch.cuda.synchronize()")
+# Library code whose CUDA call the torch-level stand-ins above cover: (module, function, the call it holds).
+COVERED_BY_TORCH_STAND_INS = (
+    ("megatron.core.dist_checkpointing.strategies.filesystem_async", "FileSystemWriterAsync.preload_tensors",
+     "torch.cuda.synchronize()"),
+    ("megatron.core.dist_checkpointing.strategies.state_dict_saver", "save_state_dict_async_finalize",
+     "device=torch.cuda.current_device()"),
+    ("nemo.lightning.megatron_parallel", "MegatronParallel.init_model_parallel",
+     "torch.cuda.stream(torch.cuda.Stream())"),
+    ("megatron.core.transformer.utils", "get_default_causal_mask.__wrapped__", 'device="cuda"'),
+    ("megatron.core.models.common.embeddings.rotary_pos_embedding", "RotaryEmbedding.forward",
+     "torch.cuda.current_device()"),
+    ("megatron.core.pipeline_parallel.schedules", "forward_backward_no_pipelining", 'device="cuda"'),
+    ("nemo.collections.llm.gpt.model.base", "gpt_data_step", ".cuda(non_blocking=True)"),
+    ("nemo.lightning.pytorch.plugins.data_sampler", "MegatronDataSampler.on_megatron_step_end",
+     'pin_memory=True).to("cuda", non_blocking=True)'),
+)
 
 
-@patches("megatron.core.dist_checkpointing.strategies.state_dict_saver")
-def _bookkeeping_on_current_device(module):
-    expect(module.save_state_dict_async_finalize, "device=torch.cuda.current_device()")
+def _expects(attribute_path: str, snippet: str) -> Callable:
+    def check(module) -> None:
+        function = module
+        for part in attribute_path.split("."):
+            function = getattr(function, part)
+        expect(function, snippet)
+
+    return check
 
 
-@patches("nemo.lightning.megatron_parallel")
-def _side_stream(module):
-    expect(module.MegatronParallel.init_model_parallel, "torch.cuda.stream(torch.cuda.Stream())")
-
-
-@patches("megatron.core.transformer.utils")
-def _causal_mask_on_cuda(module):
-    expect(module.get_default_causal_mask.__wrapped__, 'device="cuda"')
-
-
-@patches("megatron.core.models.common.embeddings.rotary_pos_embedding")
-def _rope_on_current_device(module):
-    expect(module.RotaryEmbedding.forward, "torch.cuda.current_device()")
-
-
-@patches("megatron.core.pipeline_parallel.schedules")
-def _token_count_on_cuda(module):
-    expect(module.forward_backward_no_pipelining, 'device="cuda"')
-
-
-@patches("nemo.collections.llm.gpt.model.base")
-def _batch_to_cuda(module):
-    expect(module.gpt_data_step, ".cuda(non_blocking=True)")
+for _module_name, _attribute_path, _snippet in COVERED_BY_TORCH_STAND_INS:
+    patches(_module_name)(_expects(_attribute_path, _snippet))
 
 
 @patches("nemo.collections.llm.gpt.data.utils")
 def _worker_count_on_cuda(module):
     expect(module._get_samples_mapping, "torch.cuda.LongTensor([1])")
     torch.cuda.LongTensor = torch.LongTensor
-
-
-@patches("nemo.lightning.pytorch.plugins.data_sampler")
-def _batch_size_log_on_cuda(module):
-    expect(module.MegatronDataSampler.on_megatron_step_end, 'pin_memory=True).to("cuda", non_blocking=True)')
 
 
 @patches("megatron.core.optimizer.optimizer")

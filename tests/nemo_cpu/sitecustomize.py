@@ -8,8 +8,6 @@ so a version bump fails loudly here instead of silently testing something else.
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import os
 
 if os.environ.get("QATFLOW_NEMO_CPU_SHIMS") == "1":

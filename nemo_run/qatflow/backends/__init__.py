@@ -14,6 +14,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+TRAIN_LOG = "train_log.jsonl"  # 03_train's loss curve, one JSON record per optimizer step (read by the report)
+
 
 def get_backend(name: str) -> ModuleType:
     return importlib.import_module(f"qatflow.backends.{name}")

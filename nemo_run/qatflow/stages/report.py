@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from qatflow.backends import TRAIN_LOG
 from qatflow.manifest import read_manifest
 from qatflow.stages.runner import StageContext
 
@@ -78,7 +79,7 @@ def run(ctx: StageContext) -> dict:
         rows.append((label, metrics))
     full, ptq, trained = (metrics for _, metrics in rows)
     verify = (read_manifest(ctx.inputs["05_verify"]) or {}).get("metrics", {})
-    history = [json.loads(line) for line in (ctx.inputs["03_train"] / "train_log.jsonl").read_text().splitlines()
+    history = [json.loads(line) for line in (ctx.inputs["03_train"] / TRAIN_LOG).read_text().splitlines()
                if line.strip()]
     _plot_loss(history, ctx.out_dir / "loss.png", config.train.method)
     _plot_comparison(rows, ctx.out_dir / "comparison.png")

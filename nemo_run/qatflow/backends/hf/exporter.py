@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -55,6 +56,11 @@ def export(ctx: StageContext) -> dict:
         cast_parameters(model, dtype)
         export_hf_checkpoint(model, dtype=dtype, export_dir=target)
     tokenizer.save_pretrained(target)  # tokenizer and chat template ship with the weights
+    return export_metrics(ctx, target, baked)
+
+
+def export_metrics(ctx: StageContext, target: Path, baked: int) -> dict:
+    """What an export stage records of the checkpoint it wrote (either backend)."""
     quant = json.loads((target / QUANT_CONFIG).read_text()) if (target / QUANT_CONFIG).is_file() else {}
     quantization = quant.get("quantization", {})
     size = sum(p.stat().st_size for p in target.glob("*.safetensors"))

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from qatflow.backends import TRAIN_LOG
 from qatflow.backends.hf import teacher_cache
 from qatflow.backends.hf.distill import supervised_rows, token_loss
 from qatflow.backends.hf.lean_quant import lean_fake_quant
@@ -33,7 +34,6 @@ from qatflow.stages.runner import StageContext
 from qatflow.tokens import Batch, collate, read_split, tokenize_split
 
 CHECKPOINTS_KEPT = 2
-TRAIN_LOG = "train_log.jsonl"
 
 
 @functools.lru_cache(maxsize=4)

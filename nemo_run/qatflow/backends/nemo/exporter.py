@@ -9,11 +9,9 @@ uninitialised memory).
 
 from __future__ import annotations
 
-import json
-
 import torch
 
-from qatflow.backends.hf.exporter import CHECKPOINT_SUBDIR, QUANT_CONFIG, bake_quantized_weights
+from qatflow.backends.hf.exporter import CHECKPOINT_SUBDIR, bake_quantized_weights, export_metrics
 from qatflow.backends.hf.modeling import DTYPES, load_tokenizer
 from qatflow.backends.nemo import runtime
 from qatflow.stages.runner import StageContext
@@ -40,11 +38,4 @@ def export(ctx: StageContext) -> dict:
         export_mcore_gpt_to_hf(core, pretrained_model_name_or_path=str(hf_template), dtype=dtype,
                                export_dir=str(target))
     load_tokenizer(hf_template).save_pretrained(target)  # tokenizer and chat template ship with the weights
-    quant = json.loads((target / QUANT_CONFIG).read_text()) if (target / QUANT_CONFIG).is_file() else {}
-    quantization = quant.get("quantization", {})
-    size = sum(p.stat().st_size for p in target.glob("*.safetensors"))
-    ctx.log(f"export: {size / 1e6:.1f} MB of safetensors, quant_algo {quantization.get('quant_algo')}")
-    return {"checkpoint": str(ctx.final_dir / CHECKPOINT_SUBDIR), "safetensors_bytes": size,
-            "quantized_weights": baked, "quant_algo": quantization.get("quant_algo"),
-            "exclude_modules": quantization.get("exclude_modules", []),
-            "kv_cache_quant_algo": quantization.get("kv_cache_quant_algo")}
+    return export_metrics(ctx, target, baked)

@@ -112,7 +112,7 @@ def import_model(ctx: StageContext) -> dict:
                          f"data needs for assistant-only loss: pass --chat-template with a template shipped in "
                          f"chat_templates/ (e.g. smollm2, chatml, llama3, qwen3) or a file with the tags")
     target = runtime.nemo_checkpoint(ctx.out_dir)
-    ctx.log(f"llm.import_ckpt({config.nemo.model_class}, hf://{hf_dir}) -> {target} "
+    ctx.log(f"NeMo HF importer of llm.{config.nemo.model_class}: hf://{hf_dir} -> {target} "
             f"(layer spec {config.nemo.layer_spec}, fusions {'on' if config.nemo.fusions else 'off'})")
     importer = settings_importer(config, hf_dir)
     importer(overwrite=False, output_path=target)

@@ -73,6 +73,6 @@ def quantize(ctx: StageContext) -> dict:
         runtime.save_tokenizer(ctx.inputs["01_import"], ctx.out_dir)
     layout = runtime.parallelism(config, "02_ptq")
     return {"algorithm": ptq.algorithm, "calib_rows": int(rows.shape[0]), "calib_tokens": int(rows.numel()),
-            "processes": int(torch.distributed.get_world_size()) if torch.distributed.is_initialized() else 1,
+            "processes": runtime.world_size(),
             "tensor_parallel": layout.tensor,
             **count_quantizers(model)}

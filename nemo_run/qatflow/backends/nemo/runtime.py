@@ -160,6 +160,13 @@ def tokenizer_dir(stage_dir: Path) -> Path:
     return hf_dir(stage_dir) if hf_dir(stage_dir).is_dir() else stage_dir / TOKENIZER_SUBDIR
 
 
+def world_size() -> int:
+    """Processes of this stage (torchrun / srun tasks), once NeMo has set up torch.distributed."""
+    import torch
+
+    return int(torch.distributed.get_world_size()) if torch.distributed.is_initialized() else 1
+
+
 def is_rank_zero() -> bool:
     """Files every rank would write alike (tokenizer, copies, logs) are written by global rank 0 only."""
     import os

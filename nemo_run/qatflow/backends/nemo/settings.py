@@ -73,7 +73,6 @@ def runtime(config: FlowConfig) -> str:
 def describe_stage(config: FlowConfig, stage: str) -> str:
     """One line: what the stage runs, on which devices."""
     nemo, train = config.nemo, config.train
-    model = f"llm.{nemo.model_class}({nemo.config_class or 'config from the HF checkpoint'})"
     what = {
         "01_import": f"HF checkpoint of {config.model.name}, then NeMo's HF importer of llm.{nemo.model_class} "
                      f"({nemo.config_class or 'config read from the HF checkpoint'}) built with these settings",

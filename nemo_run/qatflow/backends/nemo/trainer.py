@@ -24,11 +24,11 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 
+from qatflow.backends import TRAIN_LOG
 from qatflow.backends.nemo import runtime
 from qatflow.config import FlowConfig
 from qatflow.stages.runner import StageContext
 
-TRAIN_LOG = "train_log.jsonl"
 RUN_NAME = "train"
 # NeMo names each checkpoint after its metrics; the choice of checkpoint reads them from there.
 CHECKPOINT_NAME = re.compile(r"val_loss=(?P<val_loss>[-\d.naninf]+)-step=(?P<step>\d+)")
@@ -207,7 +207,7 @@ def train(ctx: StageContext) -> dict:
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     layout = runtime.parallelism(config, "03_train")
     return {"method": train_cfg.method, "steps": train_cfg.steps, "resumed_from_step": start_step,
-            "processes": int(torch.distributed.get_world_size()) if torch.distributed.is_initialized() else 1,
+            "processes": runtime.world_size(),
             "tensor_parallel": layout.tensor, "pipeline_parallel": layout.pipeline,
             "median_step_seconds": step_times[len(step_times) // 2] if step_times else None,
             "peak_memory_gib": round(peak, 2) if peak is not None else None,
