@@ -8,9 +8,11 @@ here=$(cd "$(dirname "$0")" && pwd)
 common=(--recipe "$here/recipes/smollm2_nemo_gpu.yaml" --model-name "$gguf" --data-path "$data" --log-dir "$out"
         --set "train.steps=$steps")
 python3 "$here/run_stages_inprocess.py" "${common[@]}" --experiment one_gpu
+python3 "$here/nemo_export_drift.py" "${common[@]}" --experiment one_gpu
 if [ "$(python3 -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
     tp2=("${common[@]}" --experiment tp2 --ptq-gpus 2 --train-gpus 2 --tensor-parallelism 2)
     python3 "$here/run_stages_inprocess.py" "${tp2[@]}" --stages 00_data 01_import
     torchrun --nproc-per-node 2 "$here/run_stages_inprocess.py" "${tp2[@]}" --stages 02_ptq 03_train
     python3 "$here/run_stages_inprocess.py" "${tp2[@]}"
+    python3 "$here/nemo_export_drift.py" "${tp2[@]}"
 fi

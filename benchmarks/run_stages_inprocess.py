@@ -54,7 +54,9 @@ def main(argv: list[str]) -> int:
         m = metrics[stage]
         print(f"{label:<22} {m['ppl_assistant']:9.3f} {m['ppl_all']:9.3f} {m['kl_assistant']:9.2e} {m['kl_all']:9.2e}")
     train = metrics["03_train"]
-    print(f"\ntraining: {train['steps']} steps, {train['seconds']} s, {train.get('tokens_per_second')} tokens/s")
+    print(f"\ntraining: {train['steps']} steps, {train['seconds']} s, {train.get('tokens_per_second')} tokens/s, "
+          f"median step {train.get('median_step_seconds')} s, peak memory {train.get('peak_memory_gib')} GiB "
+          f"(processes {train.get('processes', 1)}, TP {train.get('tensor_parallel', 1)})")
     return 0
 
 

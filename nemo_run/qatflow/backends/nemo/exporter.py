@@ -26,7 +26,9 @@ def export(ctx: StageContext) -> dict:
     config = ctx.config
     nvfp4_cpu.install()
     hf_template = runtime.hf_dir(ctx.inputs["01_import"])
-    model, _ = runtime.restore(runtime.nemo_checkpoint(ctx.inputs["03_train"]), config, "04_export")
+    # fp32 parameters, as scoring restores the student: the baked NVFP4 weights are then exactly what it computes.
+    model, _ = runtime.restore(runtime.nemo_checkpoint(ctx.inputs["03_train"]), config, "04_export",
+                               precision=runtime.SCORING_PRECISION)
     core = unwrap_model(model.module)
     core.eval()
     target = ctx.out_dir / CHECKPOINT_SUBDIR

@@ -14,6 +14,10 @@ from qatflow.config import FlowConfig
 # The fusions NeMo's Llama/Qwen configs switch on; each needs Transformer Engine or apex kernels.
 FUSION_FLAGS = ("apply_rope_fusion", "masked_softmax_fusion", "bias_activation_fusion", "persist_layer_norm",
                 "bias_dropout_fusion", "gradient_accumulation_fusion", "cross_entropy_loss_fusion")
+# Scoring and export restore a checkpoint with fp32 parameters (its stored values, upcast). Megatron's bf16 forward
+# keeps the residual stream in bf16 too, which moves NVFP4 activation codes; with fp32 parameters the harness computes
+# a NeMo model as it computes the reloaded export and every hf-backend model (fp32 weights, bf16 autocast on a GPU).
+SCORING_PRECISION = "32"
 NEMO_SUBDIR = "nemo"  # a stage's NeMo checkpoint (context/ + weights/)
 HF_SUBDIR = "hf"  # 01_import: the HF checkpoint the NeMo one was converted from (export template, tokenizer)
 
@@ -39,11 +43,10 @@ def apply_model_settings(model_config, config: FlowConfig) -> None:
         setattr(model_config, name, value)
 
 
-def precision_plugin(config: FlowConfig):
+def precision_plugin(precision: str):
     import torch
     from nemo import lightning as nl
 
-    precision = config.nemo.precision
     if precision == "32":
         return nl.MegatronMixedPrecision(precision="32", params_dtype=torch.float32, autocast_enabled=False,
                                          grad_reduce_in_fp32=True)
@@ -52,7 +55,8 @@ def precision_plugin(config: FlowConfig):
                                      autocast_enabled=False, grad_reduce_in_fp32=True)
 
 
-def strategy(config: FlowConfig, layout: Parallelism, *, training: bool, restore_path: Path | None = None):
+def strategy(config: FlowConfig, layout: Parallelism, precision: str, *, training: bool,
+             restore_path: Path | None = None):
     import torch
     from megatron.core.distributed import DistributedDataParallelConfig
     from nemo import lightning as nl
@@ -73,18 +77,20 @@ def strategy(config: FlowConfig, layout: Parallelism, *, training: bool, restore
     return nl.MegatronStrategy(
         tensor_model_parallel_size=layout.tensor, pipeline_model_parallel_size=layout.pipeline,
         sequence_parallel=layout.sequence_parallel,
-        pipeline_dtype=torch.bfloat16 if nemo.precision == "bf16-mixed" else None,
+        pipeline_dtype=torch.bfloat16 if precision == "bf16-mixed" else None,
         ckpt_async_save=nemo.ckpt_async_save, ckpt_save_optimizer=training, **kwargs)
 
 
 def trainer(config: FlowConfig, stage: str, *, training: bool = False, restore_path: Path | None = None,
-            **trainer_kwargs):
+            precision: str | None = None, **trainer_kwargs):
+    """NeMo's Lightning trainer for a stage; `precision` overrides `nemo.precision` (e.g. SCORING_PRECISION)."""
     from nemo import lightning as nl
 
     layout = parallelism(config, stage)
+    precision = precision or config.nemo.precision
     return nl.Trainer(devices=layout.devices, num_nodes=layout.nodes, accelerator=config.nemo.accelerator,
-                      strategy=strategy(config, layout, training=training, restore_path=restore_path),
-                      plugins=precision_plugin(config), **trainer_kwargs)
+                      strategy=strategy(config, layout, precision, training=training, restore_path=restore_path),
+                      plugins=precision_plugin(precision), **trainer_kwargs)
 
 
 def load_model_context(checkpoint: Path, config: FlowConfig):
@@ -102,7 +108,7 @@ def load_model_context(checkpoint: Path, config: FlowConfig):
     return model
 
 
-def restore(checkpoint: Path, config: FlowConfig, stage: str):
+def restore(checkpoint: Path, config: FlowConfig, stage: str, precision: str | None = None):
     """Builds the model of a NeMo checkpoint on this stage's devices and loads its weights and ModelOpt state
     (quantizers with their calibrated amax). Returns (model, trainer); the model is wrapped in MegatronParallel.
 
@@ -114,7 +120,7 @@ def restore(checkpoint: Path, config: FlowConfig, stage: str):
     # amax on the weights before they are loaded, and NaN in uninitialised memory fails its checks.
     if hasattr(model, "optim"):
         del model.optim  # inference only
-    run_trainer = trainer(config, stage, training=False, restore_path=checkpoint)
+    run_trainer = trainer(config, stage, training=False, restore_path=checkpoint, precision=precision)
     run_trainer.strategy._setup_optimizers = False
     run_trainer.ckpt_path = None
     run_trainer.strategy.connect(model)

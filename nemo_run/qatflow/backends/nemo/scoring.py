@@ -1,5 +1,5 @@
 """The nemo backend's models for the shared evaluation harness: a stage's NeMo checkpoint restored on one
-device (with its quantizers), called like a HF causal LM (`model(input_ids=..., attention_mask=...).logits`)."""
+device (with its quantizers and fp32 parameters: runtime.SCORING_PRECISION), called like a HF causal LM (`model(input_ids=..., attention_mask=...).logits`)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ def load_model(stage_dir: Path, config: FlowConfig, device: torch.device):
     from qatflow import nvfp4_cpu
 
     nvfp4_cpu.install()
-    model, _ = runtime.restore(runtime.nemo_checkpoint(stage_dir), config, "06_eval_bf16")
+    model, _ = runtime.restore(runtime.nemo_checkpoint(stage_dir), config, "06_eval_bf16",
+                               precision=runtime.SCORING_PRECISION)
     model.eval()
     tokenizer = load_tokenizer(runtime.tokenizer_dir(stage_dir))
     return ScoredModel(model), tokenizer
