@@ -101,3 +101,42 @@ def test_a_stage_refuses_to_run_without_its_inputs(tmp_path, stage):
     with pytest.raises(StageInputError, match="has no complete result"):
         run_stage(stage, config.to_yaml())
     assert not (config.experiment_dir / stage).exists()
+
+
+def _rank_process(experiment_dir, rank: int, started_at, finished_at) -> None:
+    """One rank of a two-process stage: rank 0 works longer, then commits; both record when they returned."""
+    import time
+
+    output = StageOutput(experiment_dir, "02_ptq", "abc")
+    partial = output.begin(rank, 2)
+    started_at[rank] = time.time()
+    (partial / f"rank{rank}.bin").write_bytes(b"x")
+    if rank == 0:
+        while 1 not in started_at:  # rank 1 is inside the stage: commit well after it
+            time.sleep(0.05)
+        time.sleep(1.5)
+        output.commit({}, {}, "hash")
+    else:
+        output.wait_for_commit(rank, wait_seconds=30)
+        assert output.is_complete()
+    finished_at[rank] = time.time()
+
+
+def test_no_rank_leaves_a_multi_process_stage_before_it_is_committed(tmp_path):
+    """Ranks that finish a stage early must not start the next stage in the same processes (torchrun running
+    02_ptq then 03_train) before rank 0 has written the manifest: they would find their input incomplete."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager:
+        started_at, finished_at = manager.dict(), manager.dict()
+        ranks = [context.Process(target=_rank_process, args=(tmp_path, rank, started_at, finished_at))
+                 for rank in (0, 1)]
+        for process in ranks:
+            process.start()
+        for process in ranks:
+            process.join(60)
+        assert [process.exitcode for process in ranks] == [0, 0]
+        committed = json.loads((tmp_path / "02_ptq" / MANIFEST).read_text())["timings"]["finished"]
+        assert finished_at[1] >= committed > started_at[1] + 1.0  # without the wait rank 1 returns at once
+    assert sorted(json.loads((tmp_path / "02_ptq" / MANIFEST).read_text())["outputs"]) == ["rank0.bin", "rank1.bin"]

@@ -75,3 +75,20 @@ def test_nemo_needs_generation_tags_and_no_temperature(tmp_path):
         cli.load_config(["--backend", "nemo", "--recipe", "qwen3_8b", "--chat-template", str(untagged)])
     with pytest.raises(ConfigError, match="no temperature"):
         cli.load_config(["--backend", "nemo", "--recipe", "qwen3_8b", "--distill", "--set", "train.temperature=2"])
+
+
+def test_a_split_the_model_cannot_take_fails_before_queueing(tmp_path, tiny_model):
+    """Megatron needs TP to divide the attention and KV heads and PP to divide the layers; read from the local
+    model (the shipped GGUF's metadata, a HF folder's config.json) before anything runs, not in 02_ptq."""
+    result = run_flow("--distill", "--backend", "nemo", "--train-gpus", "2", "--ptq-gpus", "2",
+                      "--tensor-parallelism", "2", "--log-dir", str(tmp_path))
+    assert result.returncode != 0
+    assert ("has 9 attention heads and 3 KV heads, which do not split over 2 ranks; use --tensor-parallelism 1 or 3"
+            in result.stderr), result.stderr[-2000:]
+    assert not any(tmp_path.iterdir())
+    tiny = ["--backend", "nemo", "--model-name", str(tiny_model), "--log-dir", str(tmp_path), "--dry-run"]
+    result = run_flow(*tiny, "--train-gpus", "4", "--ptq-gpus", "4", "--tensor-parallelism", "4")
+    assert "2 KV heads, which do not split over 4 ranks; use --tensor-parallelism 1 or 2" in result.stderr
+    result = run_flow(*tiny, "--train-gpus", "3", "--ptq-gpus", "3", "--pipeline-parallelism", "3")
+    assert "has 2 layers, which do not split into 3 equal pipeline stages" in result.stderr
+    assert run_flow(*tiny, "--train-gpus", "2", "--ptq-gpus", "2", "--tensor-parallelism", "2").returncode == 0

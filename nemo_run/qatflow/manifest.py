@@ -102,6 +102,15 @@ class StageOutput:
             time.sleep(0.5)
         return self.partial_dir
 
+    def wait_for_commit(self, rank: int, wait_seconds: float = 600.0) -> None:
+        """For ranks other than 0: return once rank 0 has committed the stage, so that whatever these processes
+        run next (the next stage, under the same torchrun) finds it complete."""
+        started = time.time()
+        while not self.is_complete():
+            if time.time() - started > wait_seconds:
+                raise TimeoutError(f"rank {rank}: rank 0 never committed {self.final_dir}")
+            time.sleep(0.5)
+
     def commit(self, inputs: dict[str, Any], metrics: dict[str, Any], config_hash: str) -> Path:
         assert self.partial_dir is not None, "begin() first"
         outputs = {

@@ -21,6 +21,58 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+def model_shape(name: str) -> dict[str, int] | None:
+    """Attention heads, KV heads and layers of a local model (HF folder or GGUF); None for a hub id."""
+    path = Path(name)
+    if path.is_dir() and (path / "config.json").is_file():
+        import json
+
+        raw = json.loads((path / "config.json").read_text())
+        raw = raw.get("text_config", raw)
+        if "num_attention_heads" not in raw:
+            return None
+        return {"heads": raw["num_attention_heads"], "kv_heads": raw.get("num_key_value_heads")
+                or raw["num_attention_heads"], "layers": raw["num_hidden_layers"]}
+    if path.is_file() and path.suffix == ".gguf" and importlib.util.find_spec("gguf") is not None:
+        from gguf import GGUFReader
+
+        fields = GGUFReader(str(path)).fields
+
+        def value(key: str) -> int | None:
+            field = fields.get(key)
+            return int(field.parts[field.data[0]][0]) if field is not None else None
+
+        architecture = bytes(fields["general.architecture"].parts[fields["general.architecture"].data[0]]).decode()
+        heads = value(f"{architecture}.attention.head_count")
+        if heads is None:
+            return None
+        return {"heads": heads, "kv_heads": value(f"{architecture}.attention.head_count_kv") or heads,
+                "layers": value(f"{architecture}.block_count") or 0}
+    return None
+
+
+def check_model_parallel_split(config: FlowConfig) -> None:
+    """Megatron splits attention heads and KV heads over tensor-parallel ranks and layers over pipeline stages;
+    a split that does not divide fails only inside 02_ptq, after the import. Local models are checked here."""
+    import math
+
+    name = config.model.name
+    shape = model_shape(str(paths.resolve_package_file(name)) if name.startswith(paths.PACKAGE_SCHEME) else name)
+    if shape is None:
+        return
+    tensor, pipeline = config.run.tensor_parallelism, config.run.pipeline_parallelism
+    if shape["heads"] % tensor or shape["kv_heads"] % tensor:
+        common = math.gcd(shape["heads"], shape["kv_heads"])
+        fits = [str(n) for n in range(1, common + 1) if common % n == 0]
+        raise ConfigError(f"--tensor-parallelism {tensor}: {config.model.name} has {shape['heads']} attention heads "
+                          f"and {shape['kv_heads']} KV heads, which do not split over {tensor} ranks; use "
+                          f"--tensor-parallelism {' or '.join(fits)}")
+    if shape["layers"] and shape["layers"] % pipeline:
+        raise ConfigError(f"--pipeline-parallelism {pipeline}: {config.model.name} has {shape['layers']} layers, "
+                          f"which do not split into {pipeline} equal pipeline stages; use a divisor of "
+                          f"{shape['layers']}")
+
+
 def preflight(config: FlowConfig) -> None:
     name = config.model.name
     if name.startswith(paths.PACKAGE_SCHEME):
@@ -35,6 +87,8 @@ def preflight(config: FlowConfig) -> None:
         raise ConfigError(f"--model-name {name}: no such file or folder")
     if name.endswith(".gguf") and importlib.util.find_spec("gguf") is None:
         raise ConfigError("GGUF models need the `gguf` package: pip install gguf")
+    if config.run.backend == "nemo":
+        check_model_parallel_split(config)
 
     if config.run.executor == "slurm":
         from qatflow.slurm import check_profile

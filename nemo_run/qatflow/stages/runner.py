@@ -82,6 +82,7 @@ def run_stage(stage: str, config_yaml: str) -> None:
     module = importlib.import_module(f"qatflow.stages.{spec.module}")
     metrics: dict[str, Any] = module.run(ctx) or {}
     if rank != 0:
+        output.wait_for_commit(rank)
         return
     input_record = {dep: {"path": str(path), "fingerprint": prints[dep]} for dep, path in inputs.items()}
     final = output.commit(input_record, metrics, config.section_hash(*spec.sections) if spec.sections else "")
