@@ -102,7 +102,7 @@ def test_dry_run_without_gpus(tmp_path):
 
 def test_dry_run_multi_gpu_stages_run_torchrun_in_one_container(tmp_path):
     result = run_flow("--executor", "docker", "--dry-run", "--log-dir", str(tmp_path), "--backend", "nemo",
-                      "--train-gpus", "8", "--tensor-parallelism", "2", "--ptq-gpus", "2",
+                      "--recipe", "llama31_8b", "--train-gpus", "8", "--tensor-parallelism", "2", "--ptq-gpus", "2",
                       "--set", "train.global_batch_size=32")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     containers = _containers(result.stdout)

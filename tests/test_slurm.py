@@ -47,7 +47,8 @@ def _profile(tmp_path: Path, **changes) -> Path:
 def test_dry_run_with_a_pyxis_profile_prints_the_sbatch_scripts(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", SECRET)
     result = run_flow("--use-slurm", "--slurm-profile", "pyxis-nemo", "--log-dir", "/lustre/fsw/qatflow/logs",
-                      "--distill", "--dry-run", "--backend", "nemo", "--train-gpus", "8", "--train-nodes", "2",
+                      "--distill", "--dry-run", "--backend", "nemo", "--recipe", "llama31_8b", "--train-gpus", "8",
+                      "--train-nodes", "2",
                       "--tensor-parallelism", "2", "--pipeline-parallelism", "2", "--ptq-gpus", "4",
                       "--set", "train.global_batch_size=32", "--set", "train.micro_batch_size=2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

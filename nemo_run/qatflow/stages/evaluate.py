@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from qatflow.backends import get_backend
 from qatflow.evaluation import score
 from qatflow.stages.runner import StageContext
@@ -11,14 +13,15 @@ from qatflow.tokens import read_split, tokenize_split
 MODEL_STAGE = {"06_eval_bf16": "01_import", "07_eval_ptq": "02_ptq", "08_eval_trained": "03_train"}
 
 
-def score_held_out(ctx: StageContext, backend, model, tokenizer, reference) -> dict:
-    """The harness on the held-out split: `model`'s perplexity and its KL to `reference`."""
+def score_held_out(ctx: StageContext, backend, model, tokenizer, reference, dtype: torch.dtype | None = None) -> dict:
+    """The harness on the held-out split: `model`'s perplexity and its KL to `reference`, computed in `dtype`
+    (default: the backend's compute dtype, bf16 autocast on a GPU)."""
     config = ctx.config
     device = backend.device_of(config)
     records = read_split(ctx.inputs["00_data"], "validation", config.eval.num_samples)
     items = tokenize_split(tokenizer, records, config.eval.seq_len, "validation", log=ctx.log)
     return score(model, items, config.eval.batch_size, tokenizer.pad_token_id, device,
-                 backend.compute_dtype(config, device), reference=reference, log=ctx.log)
+                 dtype or backend.compute_dtype(config, device), reference=reference, log=ctx.log)
 
 
 def run(ctx: StageContext) -> dict:
