@@ -50,6 +50,8 @@ def test_inherit_chain_and_file_recipe(tmp_path):
     ("train.nope=1", "nope"),
     ("train.steps=many", "train.steps"),
     ("trainsteps", "section.key=value"),
+    ("ptq.exclude=[*layers.0.*]", "not YAML .* quote strings that start with \\*"),
+    ("ptq.exclude=['']", "expected a layer-name pattern"),
 ])
 def test_bad_overrides_name_the_setting(override, message):
     with pytest.raises(ConfigError, match=message):

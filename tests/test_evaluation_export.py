@@ -53,3 +53,26 @@ def test_aligned_global_scales_agree_between_kernel_and_export():
         aligned = _exportable_amax(amax)
         assert torch.equal(aligned * inverse, aligned / NVFP4_SCALE_DIVISOR)
         assert abs(float(aligned - amax)) <= 16 * float(torch.finfo(torch.float32).eps * amax)
+
+
+def test_an_exclude_pattern_that_matches_nothing_names_the_layers(tiny_model):
+    import modelopt.torch.quantization as mtq
+    import pytest
+    from transformers import AutoModelForCausalLM
+
+    from qatflow import nvfp4_cpu
+    from qatflow.backends.hf.quantize import keep_full_precision
+    from qatflow.config import ConfigError
+
+    nvfp4_cpu.install()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    model = mtq.quantize(model, mtq.NVFP4_DEFAULT_CFG, lambda m: m(input_ids=ids))
+    with pytest.raises(ConfigError, match=r"'\*linear_fc2' matches no quantized layer; layer names look like "
+                                          r"'model.layers.0.self_attn.q_proj'"):
+        keep_full_precision(model, ["*linear_fc2"])
+    assert keep_full_precision(model, ["*layers.1.self_attn.[qkv]_proj"]) == [
+        f"model.layers.1.self_attn.{name}_proj" for name in "qkv"]
+    enabled = {name for name, module in model.named_modules() if name.endswith("_quantizer") and module.is_enabled}
+    assert "model.layers.1.self_attn.q_proj.weight_quantizer" not in enabled
+    assert "model.layers.1.self_attn.o_proj.weight_quantizer" in enabled

@@ -98,3 +98,27 @@ def test_kill_during_training_then_resume(tiny_recipe, tmp_path):
     history = (experiment / "03_train" / "train_log.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in history] == list(range(1, 401))
     assert not list(experiment.glob(".*.partial-*"))
+
+
+def test_excluded_layers_stay_full_precision_through_export(tiny_recipe, tmp_path):
+    """ptq.exclude keeps decoder layer 0's MLP in full precision: fewer quantizers after PTQ, the export lists the
+    layers as excluded and ships them unquantized, and the reloaded export is still exactly the student."""
+    result = run_flow("--recipe", str(tiny_recipe), "--log-dir", str(tmp_path), "--experiment", "keep",
+                      "--set", 'ptq.exclude=["*layers.0.mlp.*"]')
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    experiment = tmp_path / "keep"
+    ptq = _manifest(experiment, "02_ptq")["metrics"]
+    assert ptq["full_precision_layers"] == [f"model.layers.0.mlp.{name}" for name in ("gate_proj", "up_proj",
+                                                                                          "down_proj")]
+    assert ptq["quantizers_enabled"] == 2 * (14 - 3)  # input and weight quantizer of 11 of 14 linear layers
+    checkpoint = experiment / "04_export" / "checkpoint"
+    quant = json.loads((checkpoint / "hf_quant_config.json").read_text())["quantization"]
+    assert "model.layers.0.mlp*" in quant["exclude_modules"]
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint / "model.safetensors"), "pt") as tensors:
+        names = set(tensors.keys())
+    assert "model.layers.0.mlp.down_proj.weight_scale" not in names
+    assert "model.layers.1.mlp.down_proj.weight_scale" in names
+    verify = _manifest(experiment, "05_verify")["metrics"]
+    assert verify["quantized_layers"] == 11 and verify["kl_all"] < 1e-6, verify

@@ -112,20 +112,27 @@ def test_rerun_skips_every_stage(nemo_run_dir):
 
 
 def test_tensor_parallel_two_processes(tiny_model, tmp_path):
-    """PTQ and training as two torchrun processes with TP=2 (gloo on CPU); the export of the TP-sharded student,
-    restored whole on one process, still computes exactly the student."""
+    """PTQ and training as two torchrun processes with TP=2 (gloo on CPU), layer 1's MLP kept in full precision
+    (ptq.exclude); the export of the TP-sharded student, restored whole on one process, still computes exactly the
+    student and ships that MLP unquantized."""
     recipe = tmp_path / "tiny_nemo_qad.yaml"
     recipe.write_text(NEMO_RECIPE.format(model=tiny_model))
     result = run_nemo_flow("--recipe", str(recipe), "--log-dir", str(tmp_path), "--experiment", "tp2",
-                           "--ptq-gpus", "2", "--train-gpus", "2", "--tensor-parallelism", "2")
+                           "--ptq-gpus", "2", "--train-gpus", "2", "--tensor-parallelism", "2",
+                           "--set", 'ptq.exclude=["*layers.1.mlp.*"]')
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     experiment = tmp_path / "tp2"
     for stage in ("02_ptq", "03_train"):
         metrics = _metrics(experiment, stage)
         assert (metrics["processes"], metrics["tensor_parallel"]) == (2, 2), metrics
     assert _metrics(experiment, "03_train")["steps"] == 6
+    ptq = _metrics(experiment, "02_ptq")
+    assert ptq["full_precision_layers"] == ["module.decoder.layers.1.mlp.linear_fc1",
+                                           "module.decoder.layers.1.mlp.linear_fc2"], ptq
+    assert ptq["quantizers_enabled"] == 16 - 4, ptq
     verify = _metrics(experiment, "05_verify")
     assert verify["verified"] and verify["kl_all"] < 1e-6, verify
+    assert verify["quantized_layers"] == 14 - 3, verify  # gate, up and down of layer 1 ship unquantized
 
 
 def test_stand_ins_fail_loudly_when_the_library_changes():

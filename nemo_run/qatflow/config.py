@@ -72,6 +72,9 @@ class PTQConfig:
     calib_samples: int = 128
     calib_seq_len: int = 512
     calib_batch_size: int = 4
+    # Layers kept in full precision: shell patterns on the backend's layer names ("*layers.0.*" is decoder layer 0
+    # in both; "*down_proj" in hf, "*linear_fc2" in nemo). Exclude q/k/v or gate/up together: export shares them.
+    exclude: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -240,7 +243,12 @@ def parse_override(item: str) -> dict:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. --set train.lr=2e-5")
     key, _, raw = item.partition("=")
-    value = yaml.safe_load(raw) if raw != "" else None
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as error:
+        problem = str(error).splitlines()[0]
+        raise ConfigError(f"--set {item!r}: the value is not YAML ({problem}); quote strings that start with * & ! "
+                          f"or hold ': ', e.g. --set 'ptq.exclude=[\"*layers.0.*\"]'") from None
     tree: dict = {}
     node = tree
     parts = key.strip().split(".")
@@ -336,6 +344,11 @@ def validate(config: FlowConfig) -> None:
     """Checks that need no model and no cluster: they fail before anything is queued."""
     _choice(config.ptq.algorithm, ALGORITHMS, "ptq.algorithm (--algorithm)")
     _choice(config.ptq.kv_cache_qformat, KV_CACHE_FORMATS, "ptq.kv_cache_qformat (--kv-cache-qformat)")
+    for pattern in config.ptq.exclude:
+        if not isinstance(pattern, str) or not pattern.strip():
+            raise ConfigError(f"ptq.exclude entry {pattern!r}: expected a layer-name pattern such as '*layers.0.*'")
+    if config.ptq.exclude and config.ptq.algorithm == "no_quant":
+        raise ConfigError("ptq.exclude with --algorithm no_quant: nothing is quantized; drop ptq.exclude")
     _choice(config.run.backend, BACKENDS, "run.backend (--backend)")
     _choice(config.run.executor, EXECUTORS, "run.executor (--executor)")
     _choice(config.train.method, TRAIN_METHODS, "train.method (--distill selects qad)")

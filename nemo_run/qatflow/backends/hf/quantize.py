@@ -9,7 +9,7 @@ import torch
 
 from qatflow.backends.hf.modeling import (compute_dtype, device_of, load_model, load_tokenizer, save_model,
                                           stage_model_dir)
-from qatflow.config import FlowConfig
+from qatflow.config import ConfigError, FlowConfig
 from qatflow.stages.runner import StageContext
 from qatflow.tokens import batches, read_split, tokenize_split
 
@@ -75,6 +75,31 @@ def align_global_scales(model) -> int:
     return moved
 
 
+def keep_full_precision(model, patterns: list[str]) -> list[str]:
+    """Switch off the quantizers of every layer whose name matches one of `patterns` (ptq.exclude); returns those
+    layer names. Calibration already ran with quantization off, so the other layers' scales are unchanged."""
+    from fnmatch import fnmatchcase
+
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    quantized = {}
+    for name, module in model.named_modules():
+        if isinstance(module, TensorQuantizer) and module.is_enabled:
+            quantized.setdefault(name.rpartition(".")[0], []).append(module)
+    kept: list[str] = []
+    for pattern in patterns:
+        layers = [layer for layer in quantized if fnmatchcase(layer, pattern)]
+        if not layers:
+            example = next(iter(quantized), "(none)")
+            raise ConfigError(f"ptq.exclude pattern {pattern!r} matches no quantized layer; layer names look like "
+                              f"{example!r}")
+        for layer in layers:
+            for quantizer in quantized.pop(layer):
+                quantizer.disable()
+            kept.append(layer)
+    return kept
+
+
 def count_quantizers(model) -> dict[str, int]:
     from modelopt.torch.quantization.nn import TensorQuantizer
 
@@ -107,13 +132,17 @@ def quantize(ctx: StageContext) -> dict:
                     f"{time.time() - started:.0f}s)")
 
     cfg = quant_config(config)
+    kept: list[str] = []
     if cfg is not None:
         with torch.no_grad():
             model = mtq.quantize(model, cfg, forward_loop)
+        kept = keep_full_precision(model, config.ptq.exclude)
+        if kept:
+            ctx.log(f"kept {len(kept)} layers in full precision (ptq.exclude): {', '.join(kept)}")
         share_fused_scales(model)
         moved = align_global_scales(model)
         ctx.log(f"shared fused-layer scales; aligned {moved} global scales with the export's arithmetic")
     target = save_model(model, tokenizer, ctx.out_dir)
     ctx.log(f"saved quantized model to {target}")
     return {"algorithm": config.ptq.algorithm, "calib_conversations": len(items), "calib_tokens": calib_tokens,
-            **count_quantizers(model)}
+            "full_precision_layers": kept, **count_quantizers(model)}

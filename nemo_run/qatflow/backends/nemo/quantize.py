@@ -12,7 +12,7 @@ import time
 import torch
 
 from qatflow.backends.hf.modeling import load_tokenizer
-from qatflow.backends.hf.quantize import align_global_scales, count_quantizers
+from qatflow.backends.hf.quantize import align_global_scales, count_quantizers, keep_full_precision
 from qatflow.backends.nemo import runtime
 from qatflow.stages.runner import StageContext
 from qatflow.tokens import pack, read_split, tokenize_split
@@ -66,6 +66,9 @@ def quantize(ctx: StageContext) -> dict:
         batches, num_batches=num_batches, seq_length=ptq.calib_seq_len, micro_batch_size=ptq.calib_batch_size)
     with torch.no_grad():
         model = quantizer.quantize(model, forward_loop)
+    kept = keep_full_precision(model, ptq.exclude)
+    if kept:
+        ctx.log(f"kept {len(kept)} layers in full precision (ptq.exclude): {', '.join(kept)}")
     moved = align_global_scales(model)
     ctx.log(f"aligned {moved} NVFP4 global scales with the export's arithmetic; saving NeMo checkpoint")
     quantizer.export(model, str(runtime.nemo_checkpoint(ctx.inputs["01_import"])), trainer)
@@ -74,5 +77,5 @@ def quantize(ctx: StageContext) -> dict:
     layout = runtime.parallelism(config, "02_ptq")
     return {"algorithm": ptq.algorithm, "calib_rows": int(rows.shape[0]), "calib_tokens": int(rows.numel()),
             "processes": runtime.world_size(),
-            "tensor_parallel": layout.tensor,
+            "tensor_parallel": layout.tensor, "full_precision_layers": kept,
             **count_quantizers(model)}
