@@ -1,0 +1,56 @@
+"""Selective precision after PTQ: the PTQ model's perplexity and KL to the full-precision model with some layers
+kept in full precision (`ptq.exclude`), side by side, in one experiment folder (data, import and the full-precision
+evaluation are shared; 02_ptq and 07_eval_ptq are redone per variant). The first variant also lists the quantized
+layers whose activation amax is largest, where NVFP4's per-tensor scale is coarsest.
+
+    python benchmarks/ptq_exclude.py --recipe R.yaml --log-dir /tmp/keep \
+        --variants none: ends:'*layers.0.*','*layers.29.*'
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "nemo_run"))
+
+from qatflow.backends import get_backend  # noqa: E402
+from qatflow.cli import load_config  # noqa: E402
+from qatflow.stages.runner import run_stage  # noqa: E402
+
+STAGES = ("00_data", "01_import", "02_ptq", "06_eval_bf16", "07_eval_ptq")
+
+
+def largest_input_amax(experiment: Path, config, count: int = 6) -> list[tuple[str, float]]:
+    model, _ = get_backend(config.run.backend).load_model(experiment / "02_ptq", config,
+                                                          get_backend(config.run.backend).device_of(config))
+    amaxes = [(name.rpartition(".")[0], float(module.amax.float().max()))
+              for name, module in model.named_modules()
+              if name.endswith("input_quantizer") and module.is_enabled and module.amax is not None]
+    return sorted(amaxes, key=lambda item: -item[1])[:count]
+
+
+def main(argv: list[str]) -> int:
+    at = argv.index("--variants")
+    variants = [text.partition(":") for text in argv[at + 1:]]
+    argv = argv[:at]
+    print(f"{'variant':<12} {'kept layers':>11} {'ppl asst':>9} {'ppl all':>9} {'KL asst':>9} {'KL all':>9}")
+    for index, (label, _, patterns) in enumerate(variants):
+        exclude = json.dumps([p.strip("'\"") for p in patterns.split(",") if p])
+        config, _ = load_config([*argv, "--set", f"ptq.exclude={exclude}"])
+        for stage in STAGES:
+            run_stage(stage, config.to_yaml())
+        experiment = config.experiment_dir
+        ptq = json.loads((experiment / "02_ptq" / "manifest.json").read_text())["metrics"]
+        m = json.loads((experiment / "07_eval_ptq" / "manifest.json").read_text())["metrics"]
+        print(f"{label:<12} {len(ptq['full_precision_layers']):>11} {m['ppl_assistant']:9.3f} {m['ppl_all']:9.3f} "
+              f"{m['kl_assistant']:9.4f} {m['kl_all']:9.4f}", flush=True)
+        if index == 0:
+            for layer, amax in largest_input_amax(experiment, config):
+                print(f"    input amax {amax:10.1f}  {layer}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
