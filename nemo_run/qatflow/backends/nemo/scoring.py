@@ -1,5 +1,6 @@
 """The nemo backend's models for the shared evaluation harness: a stage's NeMo checkpoint restored on one
-device (with its quantizers and fp32 parameters: runtime.SCORING_PRECISION), called like a HF causal LM (`model(input_ids=..., attention_mask=...).logits`)."""
+device (with its quantizers and fp32 parameters: runtime.SCORING_PRECISION), called like a HF causal LM
+(`model(input_ids=..., attention_mask=...).logits`)."""
 
 from __future__ import annotations
 
