@@ -1,4 +1,4 @@
-"""Checks that need the machine but no model: they run before any job is queued."""
+"""Checks that need the machine (and a local model's config) but load no model: they run before any job is queued."""
 
 from __future__ import annotations
 
