@@ -23,8 +23,8 @@ from qatflow.backends.nemo import runtime  # noqa: E402
 from qatflow.backends.nemo.scoring import ScoredModel  # noqa: E402
 from qatflow.cli import load_config  # noqa: E402
 from qatflow.evaluation import score  # noqa: E402
-from qatflow.nvfp4_cpu import kernel_global_scale  # noqa: E402
 from qatflow.export_reload import load_exported_model  # noqa: E402
+from qatflow.nvfp4_cpu import kernel_global_scale  # noqa: E402
 from qatflow.tokens import read_split, tokenize_split  # noqa: E402
 
 
@@ -53,9 +53,7 @@ def main(argv: list[str]) -> int:
     compare_weights(students[runtime.SCORING_PRECISION], exported, export_dir)
     # The floor: the same export computed by two attention implementations of one library, in fp32.
     eager, _ = load_exported_model(export_dir, device)
-    eager.config._attn_implementation = "eager"
-    for layer in eager.model.layers:
-        layer.self_attn.config._attn_implementation = "eager"
+    eager.set_attn_implementation("eager")
     metrics = score(eager, items, config.eval.batch_size, tokenizer.pad_token_id, device, torch.float32,
                     reference=exported, log=lambda message: None)
     print(f"export, sdpa vs eager attention (fp32): KL asst {metrics['kl_assistant']:.2e} "

@@ -23,8 +23,8 @@ STAGES = ("00_data", "01_import", "02_ptq", "06_eval_bf16", "07_eval_ptq")
 
 
 def largest_input_amax(experiment: Path, config, count: int = 6) -> list[tuple[str, float]]:
-    model, _ = get_backend(config.run.backend).load_model(experiment / "02_ptq", config,
-                                                          get_backend(config.run.backend).device_of(config))
+    backend = get_backend(config.run.backend)
+    model, _ = backend.load_model(experiment / "02_ptq", config, backend.device_of(config))
     amaxes = [(name.rpartition(".")[0], float(module.amax.float().max()))
               for name, module in model.named_modules()
               if name.endswith("input_quantizer") and module.is_enabled and module.amax is not None]

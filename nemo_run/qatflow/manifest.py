@@ -60,6 +60,15 @@ def _versions() -> dict[str, str]:
     return found
 
 
+def _wait_until(condition, wait_seconds: float, timeout_message: str) -> None:
+    """Polls `condition` (another rank's file work) until it holds; TimeoutError after `wait_seconds`."""
+    started = time.time()
+    while not condition():
+        if time.time() - started > wait_seconds:
+            raise TimeoutError(timeout_message)
+        time.sleep(0.5)
+
+
 @dataclass
 class StageOutput:
     """One stage's folder under the experiment directory, written atomically."""
@@ -96,20 +105,13 @@ class StageOutput:
                 shutil.rmtree(stale, ignore_errors=True)
             self.partial_dir.mkdir()
             return self.partial_dir
-        while not self.partial_dir.is_dir():
-            if time.time() - self.started > wait_seconds:
-                raise TimeoutError(f"rank {rank}: rank 0 never created {self.partial_dir}")
-            time.sleep(0.5)
+        _wait_until(self.partial_dir.is_dir, wait_seconds, f"rank {rank}: rank 0 never created {self.partial_dir}")
         return self.partial_dir
 
     def wait_for_commit(self, rank: int, wait_seconds: float = 600.0) -> None:
         """For ranks other than 0: return once rank 0 has committed the stage, so that whatever these processes
         run next (the next stage, under the same torchrun) finds it complete."""
-        started = time.time()
-        while not self.is_complete():
-            if time.time() - started > wait_seconds:
-                raise TimeoutError(f"rank {rank}: rank 0 never committed {self.final_dir}")
-            time.sleep(0.5)
+        _wait_until(self.is_complete, wait_seconds, f"rank {rank}: rank 0 never committed {self.final_dir}")
 
     def commit(self, inputs: dict[str, Any], metrics: dict[str, Any], config_hash: str) -> Path:
         assert self.partial_dir is not None, "begin() first"

@@ -38,26 +38,29 @@ def model_shape(name: str) -> dict[str, int] | None:
 
         fields = GGUFReader(str(path)).fields
 
-        def value(key: str) -> int | None:
+        def value(key: str):
             field = fields.get(key)
-            return int(field.parts[field.data[0]][0]) if field is not None else None
+            return field.parts[field.data[0]] if field is not None else None
 
-        architecture = bytes(fields["general.architecture"].parts[fields["general.architecture"].data[0]]).decode()
-        heads = value(f"{architecture}.attention.head_count")
+        def number(key: str) -> int | None:
+            found = value(key)
+            return int(found[0]) if found is not None else None
+
+        architecture = bytes(value("general.architecture")).decode()
+        heads = number(f"{architecture}.attention.head_count")
         if heads is None:
             return None
-        return {"heads": heads, "kv_heads": value(f"{architecture}.attention.head_count_kv") or heads,
-                "layers": value(f"{architecture}.block_count") or 0}
+        return {"heads": heads, "kv_heads": number(f"{architecture}.attention.head_count_kv") or heads,
+                "layers": number(f"{architecture}.block_count") or 0}
     return None
 
 
-def check_model_parallel_split(config: FlowConfig) -> None:
+def check_model_parallel_split(config: FlowConfig, model_path: Path) -> None:
     """Megatron splits attention heads and KV heads over tensor-parallel ranks and layers over pipeline stages;
     a split that does not divide fails only inside 02_ptq, after the import. Local models are checked here."""
     import math
 
-    name = config.model.name
-    shape = model_shape(str(paths.resolve_package_file(name)) if name.startswith(paths.PACKAGE_SCHEME) else name)
+    shape = model_shape(str(model_path))
     if shape is None:
         return
     tensor, pipeline = config.run.tensor_parallelism, config.run.pipeline_parallelism
@@ -75,20 +78,20 @@ def check_model_parallel_split(config: FlowConfig) -> None:
 
 def preflight(config: FlowConfig) -> None:
     name = config.model.name
-    if name.startswith(paths.PACKAGE_SCHEME):
-        paths.resolve_package_file(name)
-    elif Path(name).exists():
-        model_path = Path(name)
+    packaged = name.startswith(paths.PACKAGE_SCHEME)
+    # Resolving a pkg:// name checks that the package holds the file.
+    model_path = paths.resolve_package_file(name) if packaged else Path(name)
+    if not packaged and model_path.exists():
         if model_path.is_dir() and not (model_path / "config.json").is_file():
             raise ConfigError(f"--model-name {name}: a folder without config.json; give a Hugging Face model folder")
         if model_path.is_file() and model_path.suffix != ".gguf":
             raise ConfigError(f"--model-name {name}: a file that is not .gguf; give a HF folder, hub id or .gguf")
-    elif name.startswith(("/", ".", "~")):
+    elif not packaged and name.startswith(("/", ".", "~")):
         raise ConfigError(f"--model-name {name}: no such file or folder")
     if name.endswith(".gguf") and importlib.util.find_spec("gguf") is None:
         raise ConfigError("GGUF models need the `gguf` package: pip install gguf")
     if config.run.backend == "nemo":
-        check_model_parallel_split(config)
+        check_model_parallel_split(config, model_path)
 
     if config.run.executor == "slurm":
         from qatflow.slurm import check_profile
