@@ -13,6 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "nemo_run"))
 
 from qatflow.backends import get_backend  # noqa: E402
@@ -22,20 +24,33 @@ from qatflow.stages.runner import run_stage  # noqa: E402
 STAGES = ("00_data", "01_import", "02_ptq", "06_eval_bf16", "07_eval_ptq")
 
 
-def largest_input_amax(experiment: Path, config, count: int = 6) -> list[tuple[str, float]]:
+def inspect_ptq_model(experiment: Path, config, kept: list[str],
+                      count: int = 8) -> tuple[float, list[tuple[str, float]]]:
+    """The share of the quantizable linear weights that `kept` holds in full precision, and the quantized layers
+    with the largest activation amax."""
     backend = get_backend(config.run.backend)
     model, _ = backend.load_model(experiment / "02_ptq", config, backend.device_of(config))
+    modules = dict(model.named_modules())
+    quantized = [name.rpartition(".")[0] for name, module in modules.items()
+                 if name.endswith("weight_quantizer") and module.is_enabled]
+
+    def weights(names: list[str]) -> int:  # attention modules (KV-cache quantizers) hold no weight of their own
+        return sum(getattr(modules[name], "weight", torch.empty(0)).numel() for name in names)
+
+    kept_weights = weights(kept)
+    all_weights = kept_weights + weights(quantized)
     amaxes = [(name.rpartition(".")[0], float(module.amax.float().max()))
-              for name, module in model.named_modules()
+              for name, module in modules.items()
               if name.endswith("input_quantizer") and module.is_enabled and module.amax is not None]
-    return sorted(amaxes, key=lambda item: -item[1])[:count]
+    return kept_weights / all_weights, sorted(amaxes, key=lambda item: -item[1])[:count]
 
 
 def main(argv: list[str]) -> int:
     at = argv.index("--variants")
     variants = [text.partition(":") for text in argv[at + 1:]]
     argv = argv[:at]
-    print(f"{'variant':<12} {'kept layers':>11} {'ppl asst':>9} {'ppl all':>9} {'KL asst':>9} {'KL all':>9}")
+    print(f"{'variant':<12} {'kept layers':>11} {'kept weights':>12} {'ppl asst':>9} {'ppl all':>9} {'KL asst':>9} "
+          f"{'KL all':>9}")
     for index, (label, _, patterns) in enumerate(variants):
         exclude = json.dumps([p.strip("'\"") for p in patterns.split(",") if p])
         config, _ = load_config([*argv, "--set", f"ptq.exclude={exclude}"])
@@ -44,10 +59,12 @@ def main(argv: list[str]) -> int:
         experiment = config.experiment_dir
         ptq = json.loads((experiment / "02_ptq" / "manifest.json").read_text())["metrics"]
         m = json.loads((experiment / "07_eval_ptq" / "manifest.json").read_text())["metrics"]
-        print(f"{label:<12} {len(ptq['full_precision_layers']):>11} {m['ppl_assistant']:9.3f} {m['ppl_all']:9.3f} "
+        kept = ptq["full_precision_layers"]
+        share, largest = inspect_ptq_model(experiment, config, kept)
+        print(f"{label:<12} {len(kept):>11} {100 * share:11.1f}% {m['ppl_assistant']:9.3f} {m['ppl_all']:9.3f} "
               f"{m['kl_assistant']:9.4f} {m['kl_all']:9.4f}", flush=True)
         if index == 0:
-            for layer, amax in largest_input_amax(experiment, config):
+            for layer, amax in largest:
                 print(f"    input amax {amax:10.1f}  {layer}")
     return 0
 

@@ -8,12 +8,16 @@ KL to its student.
     python benchmarks/recovery.py --recipe R.yaml --log-dir /tmp/rec --steps 48 190 760 --methods qad qat [--set ...]
     python benchmarks/recovery.py --recipe R.yaml --log-dir /tmp/rec --steps 190 \
         --variants base lr1e-4:train.lr=1e-4 top64:train.teacher_cache_topk=64,train.lr=1e-4
+
+Gaps closed are shares of the first run's PTQ gap; a variant that changes PTQ (ptq.exclude) also gets its own PTQ
+row.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 import time
@@ -33,6 +37,11 @@ def metrics(experiment: Path, stage: str) -> dict:
     return json.loads((experiment / stage / "manifest.json").read_text())["metrics"]
 
 
+def ptq_row(name: str, m: dict) -> str:
+    return (f"| {name} | | {m['ppl_assistant']:.2f} | {m['ppl_all']:.2f} | {m['kl_assistant']:.3f} | "
+            f"{m['kl_all']:.3f} | | | | |")
+
+
 def row(name: str, first: Path, experiment: Path) -> str:
     """One table row: the trained model of `experiment` against the full-precision and PTQ models of `first`."""
     full, ptq = metrics(first, "06_eval_bf16"), metrics(first, "07_eval_ptq")
@@ -45,11 +54,12 @@ def row(name: str, first: Path, experiment: Path) -> str:
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
-    """`label:section.key=value,section.key=value` (or a bare label: the recipe as it is)."""
+    """`label:section.key=value,section.key=value` (or a bare label: the recipe as it is). A comma starts a new
+    setting only before `section.key=`, so list values keep theirs: `keep:ptq.exclude=["*.0.*","*.29.*"]`."""
     label, _, settings = text.partition(":")
     if not label or not label.replace("_", "").replace("-", "").replace(".", "").isalnum():
         raise SystemExit(f"--variants {text!r}: expected label:section.key=value,... with a plain label")
-    return label, [item for item in settings.split(",") if item]
+    return label, [item for item in re.split(r",(?=\w+\.\w+=)", settings) if item]
 
 
 def share_teacher_cache(first: Path, experiment: Path) -> None:
@@ -91,6 +101,9 @@ def main() -> int:
                 run_stage(stage, config.to_yaml())
             first = first or experiment
             name = f"NVFP4 {config.train.method.upper()}" + (f" {label}" if args.variants else "")
+            own_ptq = metrics(experiment, "07_eval_ptq")
+            if own_ptq != metrics(first, "07_eval_ptq"):  # the variant changed PTQ (e.g. ptq.exclude)
+                lines.append(ptq_row(f"NVFP4 PTQ {label}", own_ptq))
             lines.append(row(name, first, experiment))
             print(f"finished {label} {steps} steps in {time.time() - started:.0f} s\n{lines[-1]}", flush=True)
     assert first is not None
@@ -98,8 +111,7 @@ def main() -> int:
           "ppl gap closed | KL gap closed | train s | export KL to student |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, m in (("full precision", metrics(first, "06_eval_bf16")), ("NVFP4 PTQ", metrics(first, "07_eval_ptq"))):
-        print(f"| {name} | | {m['ppl_assistant']:.2f} | {m['ppl_all']:.2f} | {m['kl_assistant']:.3f} | "
-              f"{m['kl_all']:.3f} | | | | |")
+        print(ptq_row(name, m))
     print("\n".join(lines))
     return 0
 

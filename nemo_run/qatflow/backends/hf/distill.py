@@ -87,31 +87,40 @@ class _TokenLoss(torch.autograd.Function):
 
 def _kd_chunk(s: torch.Tensor, teacher, index: torch.Tensor, start: int,
               temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """KL(teacher || student) summed over a chunk of rows (s: fp32 student logits), and (q - p) per element."""
-    log_q = torch.log_softmax(s / temperature, dim=-1)
+    """KL(teacher || student) summed over a chunk of rows and its gradient per element (q - p for the full KL).
+
+    s holds the chunk's fp32 student logits and is overwritten: every pass over [rows, vocab] is done in place,
+    because at a large vocabulary those passes are what the loss costs."""
+    if temperature != 1.0:
+        s.div_(temperature)
+    log_q = torch.log_softmax(s, dim=-1)
     if isinstance(teacher, TopKTeacher):
         idx, log_p, log_tail = teacher.rows(start, start + index.numel())
         p = log_p.exp()
-        kd = (p * (log_p - log_q.gather(-1, idx))).sum()
-        # The tail bucket: log q_tail from the student's logits outside the teacher's top k.
-        outside = log_q.scatter(-1, idx, float("-inf"))
-        log_q_tail = torch.logsumexp(outside, dim=-1)
+        log_q_top = log_q.gather(-1, idx)
+        # The student's tail (its mass outside the teacher's top k), summed in probability space: the same
+        # exp pass then gives the gradient outside the top k.
+        q = log_q.scatter_(-1, idx, float("-inf")).exp_()
+        q_tail = q.sum(-1).clamp_min(torch.finfo(q.dtype).tiny)
+        log_q_tail = q_tail.log()
         p_tail = log_tail.exp()
         has_tail = p_tail > 0
-        kd = kd + torch.where(has_tail, p_tail * (log_tail - log_q_tail), torch.zeros_like(p_tail)).sum()
+        kd = (p * (log_p - log_q_top)).sum() \
+            + torch.where(has_tail, p_tail * (log_tail - log_q_tail), torch.zeros_like(p_tail)).sum()
         # Gradient: m q - p on the top k; outside, m q_j - p_tail q_j / q_tail (the student's tail rescaled),
         # m the stored teacher mass (1 up to the fp16 rounding of the cached log-probs).
-        mass = (p.sum(-1) + p_tail).unsqueeze(-1)
-        q = log_q.exp()
-        ratio = torch.where(has_tail, (log_tail - log_q_tail).exp(), torch.zeros_like(p_tail))
-        grad = outside.exp_().mul_(-ratio.unsqueeze(-1)).add_(q * mass)
-        grad.scatter_(-1, idx, q.gather(-1, idx) * mass - p)
+        mass = p.sum(-1) + p_tail
+        ratio = torch.where(has_tail, p_tail / q_tail, torch.zeros_like(p_tail))
+        grad = q.mul_((mass - ratio).unsqueeze(-1))
+        grad.scatter_(-1, idx, log_q_top.exp() * mass.unsqueeze(-1) - p)
         return kd, grad
-    t = teacher.reshape(-1, teacher.shape[-1]).index_select(0, index).float()
-    log_p = torch.log_softmax(t / temperature, dim=-1)
-    del t
+    log_p = teacher.reshape(-1, teacher.shape[-1]).index_select(0, index).float()
+    if temperature != 1.0:
+        log_p.div_(temperature)
+    log_p = torch.log_softmax(log_p, dim=-1)
     p = log_p.exp()
-    kd = (p * (log_p - log_q)).sum()
+    kd = log_p.sub_(log_q).mul_(p).sum()
+    del log_p
     return kd, log_q.exp_().sub_(p)
 
 
