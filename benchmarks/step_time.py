@@ -105,8 +105,6 @@ def make_step(mode: str, size: str, batch: torch.Tensor, topk: int = 64) -> Step
     if not mode.startswith("bf16"):
         student = quantize(student, batch)
     lean = mode.endswith("-lean") or mode == "qad-topk"
-    if lean:
-        stack.enter_context(lean_fake_quant(student))
     teacher = build(size, torch.bfloat16).eval() if mode.startswith("qad") else None
     model = student
     if mode == "qad":
@@ -117,6 +115,8 @@ def make_step(mode: str, size: str, batch: torch.Tensor, topk: int = 64) -> Step
                                                          "criterion": LMLogitsLoss(reduction="none")})])
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
+    if lean:  # as the hf trainer runs it: quantized weights made once per optimizer step
+        stack.enter_context(lean_fake_quant(student, optimizer))
     targets = batch[:, 1:]
     rows = torch.arange(batch.numel(), device=batch.device).view(batch.shape)[:, :-1].reshape(-1)  # every position
     row_targets = batch.reshape(-1)[rows + 1]

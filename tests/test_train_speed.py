@@ -73,6 +73,40 @@ def test_lean_fake_quant_keeps_modules_it_does_not_know(quantized_llama):
     assert ref.shape[-1] == 256
 
 
+def _train(model, ids, steps: int, cache_weights: bool, micro_batches: int = 2) -> list[float]:
+    """Losses of a few fused-AdamW steps (each over two micro-batches) through the lean forwards."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    losses = []
+    with lean_fake_quant(model, optimizer if cache_weights else None) as plan:
+        assert bool(plan.weights) == cache_weights
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            for micro in ids.chunk(micro_batches):
+                loss = model(input_ids=micro).logits.square().mean()
+                loss.backward()
+                total += float(loss)
+            optimizer.step()
+            losses.append(total)
+    return losses
+
+
+def test_weights_quantized_once_per_optimizer_step_train_as_every_forward(quantized_llama):
+    """Fused AdamW updates parameters without moving their version counters: only the optimizer's step hook
+    keeps the cached quantized weights current, and training must not tell the two paths apart."""
+    model, ids = quantized_llama
+    cached_model, plain_model = copy.deepcopy(model), copy.deepcopy(model)
+    version = cached_model.model.layers[0].mlp.up_proj.weight._version
+    cached = _train(cached_model, ids, steps=3, cache_weights=True)
+    plain = _train(plain_model, ids, steps=3, cache_weights=False)
+    assert cached == plain and cached[0] != cached[-1]  # the weights moved, and both paths saw them move
+    assert cached_model.model.layers[0].mlp.up_proj.weight._version == version  # what the hook is there for
+    for (name, a), b in zip(cached_model.state_dict().items(), plain_model.state_dict().values()):
+        assert torch.equal(a, b), name
+    with torch.no_grad():  # after the context, ModelOpt's forward on the trained weights agrees
+        assert torch.equal(cached_model(input_ids=ids).logits, plain_model(input_ids=ids).logits)
+
+
 def _reference(s, t, rows, targets, temperature, ce_weight):
     picked = s.reshape(-1, s.shape[-1])[rows]
     log_q = torch.log_softmax(picked / temperature, -1)

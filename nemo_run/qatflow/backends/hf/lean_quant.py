@@ -8,6 +8,10 @@ the same global amax and the same straight-through backward, so outputs and grad
 that quantize one input with one amax (q/k/v and gate/up once their scales are shared at PTQ) quantize it once.
 Modules whose quantizers are all disabled (``lm_head``, attention without KV-cache quantization) skip ModelOpt's
 wrappers. Anything else keeps ModelOpt's forward. On exit every module is as ModelOpt left it.
+
+Given the optimizer, the fake-quantized weights are made once per optimizer step (right after it, while the GPU
+still runs the update) instead of in every forward: micro-batches of a step reuse them, and the forward, which
+the host bounds, issues half the launches.
 """
 
 from __future__ import annotations
@@ -88,6 +92,46 @@ class _StraightThrough(torch.autograd.Function):
         return grad.to(ctx.in_dtype), None, None
 
 
+class _ReuseQuantized(torch.autograd.Function):
+    """A weight's cached fake-quantized copy in the forward, the straight-through gradient to the weight."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+        ctx.in_dtype = weight.dtype
+        return quantized.view_as(quantized)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.to(ctx.in_dtype), None
+
+
+@dataclass(eq=False)
+class _CachedWeight:
+    """A Linear's fake-quantized weight between optimizer steps. The fused optimizers update parameters without
+    moving their version counters, so the optimizer's step hook remakes it; the version check catches every other
+    in-place change (load_state_dict, copy_)."""
+
+    weight: torch.nn.Parameter
+    amax: torch.Tensor
+    dtype: torch.dtype | None = None
+    version: int = -1
+    value: torch.Tensor | None = None
+
+    def get(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.value is None or self.dtype != dtype or self.version != self.weight._version:
+            self.dtype = dtype
+            self.refresh()
+        assert self.value is not None
+        return self.value
+
+    def refresh(self) -> None:
+        if self.dtype is None:  # not used yet: made by the first forward, in the dtype it computes in
+            return
+        with torch.no_grad():
+            self.value = fake_quant(self.weight.detach(), self.amax, self.dtype)
+        self.version = self.weight._version
+
+
 def _is_lean_nvfp4(quantizer) -> bool:
     """An enabled NVFP4 dynamic-block fake quantizer with a static per-tensor amax and nothing else on top."""
     blocks = quantizer.block_sizes or {}
@@ -149,11 +193,17 @@ class LeanPlan:
     kept: int = 0
     shared_groups: int = 0
     caches: list[_SharedInput] = field(default_factory=list)
+    weights: list[_CachedWeight] = field(default_factory=list)
 
     def describe(self) -> str:
+        cached = ", quantized weights made once per optimizer step" if self.weights else ""
         return (f"lean NVFP4 forward on {self.linear_nvfp4} linears ({self.shared_groups} groups share one "
-                f"quantized input), {self.linear_plain} unquantized linears and {self.attention_plain} attention "
-                f"modules skip ModelOpt's wrappers; {self.kept} quantized modules keep ModelOpt's forward")
+                f"quantized input{cached}), {self.linear_plain} unquantized linears and {self.attention_plain} "
+                f"attention modules skip ModelOpt's wrappers; {self.kept} quantized modules keep ModelOpt's forward")
+
+    def refresh_weights(self) -> None:
+        for weight in self.weights:
+            weight.refresh()
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -165,7 +215,8 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return t.dtype
 
 
-def _linear_forward(weight: torch.nn.Parameter, bias, in_amax, w_amax, cache: _SharedInput | None):
+def _linear_forward(weight: torch.nn.Parameter, bias, in_amax, w_amax, cache: _SharedInput | None,
+                    w_cache: _CachedWeight | None):
     """F.linear on the fake-quantized input and weight, as ModelOpt's QuantLinear computes it."""
     def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if in_amax is not None:
@@ -175,7 +226,9 @@ def _linear_forward(weight: torch.nn.Parameter, bias, in_amax, w_amax, cache: _S
                 cache.put(x, quantized)
             x = quantized
         w = weight
-        if w_amax is not None:
+        if w_cache is not None:
+            w = _ReuseQuantized.apply(w, w_cache.get(_compute_dtype(w)))
+        elif w_amax is not None:
             w = _StraightThrough.apply(w, w_amax, _compute_dtype(w))
         return F.linear(x, w, bias)
 
@@ -191,8 +244,10 @@ def _original_forward(module: torch.nn.Module):
 
 
 @contextlib.contextmanager
-def lean_fake_quant(model: torch.nn.Module) -> Iterator[LeanPlan]:
-    """Within the context, NVFP4 Linears and quantizer-free ModelOpt modules of `model` run lean forwards."""
+def lean_fake_quant(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> Iterator[LeanPlan]:
+    """Within the context, NVFP4 Linears and quantizer-free ModelOpt modules of `model` run lean forwards. With
+    `optimizer` (the one that updates `model`), quantized weights are cached and remade after each of its steps;
+    without it, every forward quantizes them."""
     from modelopt.torch.quantization.nn import QuantModule, TensorQuantizer
 
     plan = LeanPlan()
@@ -217,8 +272,13 @@ def lean_fake_quant(model: torch.nn.Module) -> Iterator[LeanPlan]:
                     key = (id(parent), float(in_amax.detach().float().cpu()))
                     cache = groups.setdefault(key, _SharedInput())
                     cache.members += 1
-                module.__dict__["forward"] = _linear_forward(module._parameters["weight"],
-                                                             module._parameters.get("bias"), in_amax, w_amax, cache)
+                weight = module._parameters["weight"]
+                w_cache = None
+                if w_amax is not None and optimizer is not None:
+                    w_cache = _CachedWeight(weight, w_amax)
+                    plan.weights.append(w_cache)
+                module.__dict__["forward"] = _linear_forward(weight, module._parameters.get("bias"), in_amax,
+                                                             w_amax, cache, w_cache)
                 if in_amax is None and w_amax is None:
                     plan.linear_plain += 1
                 else:
@@ -237,10 +297,15 @@ def lean_fake_quant(model: torch.nn.Module) -> Iterator[LeanPlan]:
             patched.append(module)
     plan.caches = list(groups.values())
     plan.shared_groups = sum(1 for cache in plan.caches if cache.members > 1)
+    hook = optimizer.register_step_post_hook(lambda *_: plan.refresh_weights()) if plan.weights else None
     try:
         yield plan
     finally:
+        if hook is not None:
+            hook.remove()
         for module in patched:
             module.__dict__.pop("forward", None)
         for cache in plan.caches:
             cache.clear()
+        for weight in plan.weights:
+            weight.value = None

@@ -206,7 +206,7 @@ def train(ctx: StageContext) -> dict:
     ctx.log(f"{train_cfg.method.upper()} for {train_cfg.steps} steps of {train_cfg.global_batch_size} conversations "
             f"(micro batch {train_cfg.micro_batch_size}, lr {train_cfg.lr:g}{teacher_note}) on {device}, "
             f"{len(items)} training conversations")
-    lean = lean_fake_quant(model) if train_cfg.lean_fake_quant else contextlib.nullcontext()
+    lean = lean_fake_quant(model, optimizer) if train_cfg.lean_fake_quant else contextlib.nullcontext()
     started = time.time()
     tokens_seen = 0
     with lean as plan:
