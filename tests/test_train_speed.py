@@ -85,7 +85,7 @@ def _train(model, ids, steps: int, cache_weights: bool, micro_batches: int = 2) 
             for micro in ids.chunk(micro_batches):
                 loss = model(input_ids=micro).logits.square().mean()
                 loss.backward()
-                total += float(loss)
+                total += float(loss.detach())
             optimizer.step()
             losses.append(total)
     return losses
