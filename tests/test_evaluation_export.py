@@ -70,9 +70,12 @@ def test_an_exclude_pattern_that_matches_nothing_names_the_layers(tiny_model):
     model = mtq.quantize(model, mtq.NVFP4_DEFAULT_CFG, lambda m: m(input_ids=ids))
     with pytest.raises(ConfigError, match=r"'\*linear_fc2' matches no quantized layer; layer names look like "
                                           r"'model.layers.0.self_attn.q_proj'"):
-        keep_full_precision(model, ["*linear_fc2"])
-    assert keep_full_precision(model, ["*layers.1.self_attn.[qkv]_proj"]) == [
+        keep_full_precision(model, ["*linear_fc2"], print)
+    logged: list[str] = []
+    assert keep_full_precision(model, ["*layers.1.self_attn.[qkv]_proj"], logged.append) == [
         f"model.layers.1.self_attn.{name}_proj" for name in "qkv"]
+    assert logged == ["kept 3 layers in full precision (ptq.exclude): model.layers.1.self_attn.q_proj, "
+                      "model.layers.1.self_attn.k_proj, model.layers.1.self_attn.v_proj"]
     enabled = {name for name, module in model.named_modules() if name.endswith("_quantizer") and module.is_enabled}
     assert "model.layers.1.self_attn.q_proj.weight_quantizer" not in enabled
     assert "model.layers.1.self_attn.o_proj.weight_quantizer" in enabled

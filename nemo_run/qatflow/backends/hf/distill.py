@@ -114,10 +114,11 @@ def _kd_chunk(s: torch.Tensor, teacher, index: torch.Tensor, start: int,
         grad = q.mul_((mass - ratio).unsqueeze(-1))
         grad.scatter_(-1, idx, log_q_top.exp() * mass.unsqueeze(-1) - p)
         return kd, grad
-    log_p = teacher.reshape(-1, teacher.shape[-1]).index_select(0, index).float()
+    t = teacher.reshape(-1, teacher.shape[-1]).index_select(0, index).float()
     if temperature != 1.0:
-        log_p.div_(temperature)
-    log_p = torch.log_softmax(log_p, dim=-1)
+        t.div_(temperature)
+    log_p = torch.log_softmax(t, dim=-1)
+    del t
     p = log_p.exp()
     kd = log_p.sub_(log_q).mul_(p).sum()
     del log_p

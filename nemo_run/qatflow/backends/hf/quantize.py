@@ -75,9 +75,10 @@ def align_global_scales(model) -> int:
     return moved
 
 
-def keep_full_precision(model, patterns: list[str]) -> list[str]:
-    """Switch off the quantizers of every layer whose name matches one of `patterns` (ptq.exclude); returns those
-    layer names. Calibration already ran with quantization off, so the other layers' scales are unchanged."""
+def keep_full_precision(model, patterns: list[str], log) -> list[str]:
+    """Switch off the quantizers of every layer whose name matches one of `patterns` (ptq.exclude), logs and
+    returns those layer names. Calibration already ran with quantization off, so the other layers' scales are
+    unchanged."""
     from fnmatch import fnmatchcase
 
     from modelopt.torch.quantization.nn import TensorQuantizer
@@ -97,6 +98,8 @@ def keep_full_precision(model, patterns: list[str]) -> list[str]:
             for quantizer in quantized.pop(layer):
                 quantizer.disable()
             kept.append(layer)
+    if kept:
+        log(f"kept {len(kept)} layers in full precision (ptq.exclude): {', '.join(kept)}")
     return kept
 
 
@@ -136,9 +139,7 @@ def quantize(ctx: StageContext) -> dict:
     if cfg is not None:
         with torch.no_grad():
             model = mtq.quantize(model, cfg, forward_loop)
-        kept = keep_full_precision(model, config.ptq.exclude)
-        if kept:
-            ctx.log(f"kept {len(kept)} layers in full precision (ptq.exclude): {', '.join(kept)}")
+        kept = keep_full_precision(model, config.ptq.exclude, ctx.log)
         share_fused_scales(model)
         moved = align_global_scales(model)
         ctx.log(f"shared fused-layer scales; aligned {moved} global scales with the export's arithmetic")

@@ -66,9 +66,7 @@ def quantize(ctx: StageContext) -> dict:
         batches, num_batches=num_batches, seq_length=ptq.calib_seq_len, micro_batch_size=ptq.calib_batch_size)
     with torch.no_grad():
         model = quantizer.quantize(model, forward_loop)
-    kept = keep_full_precision(model, ptq.exclude)
-    if kept:
-        ctx.log(f"kept {len(kept)} layers in full precision (ptq.exclude): {', '.join(kept)}")
+    kept = keep_full_precision(model, ptq.exclude, ctx.log)
     moved = align_global_scales(model)
     ctx.log(f"aligned {moved} NVFP4 global scales with the export's arithmetic; saving NeMo checkpoint")
     quantizer.export(model, str(runtime.nemo_checkpoint(ctx.inputs["01_import"])), trainer)
