@@ -13,13 +13,13 @@ nemo backend); the table is printed once every stage is complete.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "nemo_run"))
 
+from qatflow import distributed  # noqa: E402
 from qatflow.cli import load_config  # noqa: E402
 from qatflow.stages import STAGE_NAMES  # noqa: E402
 from qatflow.stages.runner import run_stage  # noqa: E402
@@ -40,7 +40,7 @@ def main(argv: list[str]) -> int:
         run_stage(stage, config_yaml)
         wall[stage] = time.time() - started
     experiment = config.experiment_dir
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not distributed.is_rank_zero():
         return 0
     print(f"\n{'stage':<16} {'seconds':>8}")
     for stage in stages:

@@ -117,7 +117,7 @@ def _rank_process(experiment_dir, rank: int, started_at, finished_at) -> None:
         time.sleep(1.5)
         output.commit({}, {}, "hash")
     else:
-        output.wait_for_commit(rank, wait_seconds=30)
+        output.wait_for_commit(rank)
         assert output.is_complete()
     finished_at[rank] = time.time()
 

@@ -16,9 +16,12 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+from qatflow.rank_zero import CONTROL_FILES, RankZeroGone, RankZeroRecord, Watch
 
 MANIFEST = "manifest.json"
+POLL_SECONDS = 0.5
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -60,15 +63,6 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def _wait_until(condition, wait_seconds: float, timeout_message: str) -> None:
-    """Polls `condition` (another rank's file work) until it holds; TimeoutError after `wait_seconds`."""
-    started = time.time()
-    while not condition():
-        if time.time() - started > wait_seconds:
-            raise TimeoutError(timeout_message)
-        time.sleep(0.5)
-
-
 @dataclass
 class StageOutput:
     """One stage's folder under the experiment directory, written atomically."""
@@ -78,6 +72,7 @@ class StageOutput:
     fingerprint: str
     started: float = field(default_factory=time.time)
     partial_dir: Path | None = None
+    _record: RankZeroRecord | None = field(default=None, repr=False)
 
     @property
     def final_dir(self) -> Path:
@@ -93,9 +88,10 @@ class StageOutput:
     def is_complete(self) -> bool:
         return is_complete(self.final_dir, self.fingerprint)
 
-    def begin(self, rank: int = 0, world_size: int = 1, wait_seconds: float = 600.0) -> Path:
+    def begin(self, rank: int = 0, world_size: int = 1) -> Path:
         """The partial folder this run writes into. A stage run by several processes (one per GPU) shares one,
-        named by the fingerprint: rank 0 clears stale ones and makes it, the other ranks wait for it."""
+        named by the fingerprint: rank 0 clears stale ones, makes it and records itself there (rank_zero); the
+        other ranks wait for that record, from this launch."""
         name = uuid.uuid4().hex[:8] if world_size == 1 else f"{self.fingerprint}-shared"
         self.partial_dir = self.experiment_dir / f".{self.stage}.partial-{name}"
         self.started = time.time()
@@ -104,21 +100,42 @@ class StageOutput:
             for stale in self.experiment_dir.glob(f".{self.stage}.partial-*"):
                 shutil.rmtree(stale, ignore_errors=True)
             self.partial_dir.mkdir()
+            if world_size > 1:
+                self._record = RankZeroRecord.start(self.partial_dir)
             return self.partial_dir
-        _wait_until(self.partial_dir.is_dir, wait_seconds, f"rank {rank}: rank 0 never created {self.partial_dir}")
+        watch = Watch(self.partial_dir)
+        self._wait(watch.started, watch, rank, "waiting for rank 0 to open the stage")
         return self.partial_dir
 
-    def wait_for_commit(self, rank: int, wait_seconds: float = 600.0) -> None:
+    def wait_for_commit(self, rank: int) -> None:
         """For ranks other than 0: return once rank 0 has committed the stage, so that whatever these processes
-        run next (the next stage, under the same torchrun) finds it complete."""
-        _wait_until(self.is_complete, wait_seconds, f"rank {rank}: rank 0 never committed {self.final_dir}")
+        run next (the next stage, under the same torchrun) finds it complete. Raises RankZeroGone as soon as
+        rank 0 has failed or exited without committing."""
+        assert self.partial_dir is not None, "begin() first"
+        self._wait(self.is_complete, Watch(self.partial_dir), rank, f"waiting for rank 0 to commit {self.final_dir}")
+
+    def _wait(self, done: Callable[[], bool], watch: Watch, rank: int, what: str) -> None:
+        """Polls `done` for as long as rank 0 is alive: no clock decides, rank 0's own progress or exit does."""
+        while not done():
+            problem = watch.problem(done)
+            if problem:
+                raise RankZeroGone(f"rank {rank}, {what}: {problem}")
+            time.sleep(POLL_SECONDS)
+
+    def fail(self, error: BaseException) -> None:
+        """Rank 0 of a multi-process stage failed: the waiting ranks read why and stop at once."""
+        if self._record is not None:
+            self._record.fail(error)
+            self._record = None
 
     def commit(self, inputs: dict[str, Any], metrics: dict[str, Any], config_hash: str) -> Path:
         assert self.partial_dir is not None, "begin() first"
+        if self._record is not None:
+            self._record.stop()  # its files stay until the rename: waiting ranks see a live rank 0 meanwhile
         outputs = {
             str(path.relative_to(self.partial_dir)): path.stat().st_size
             for path in sorted(self.partial_dir.rglob("*"))
-            if path.is_file()
+            if path.is_file() and str(path.relative_to(self.partial_dir)) not in CONTROL_FILES
         }
         manifest = {
             "stage": self.stage,
@@ -141,7 +158,9 @@ class StageOutput:
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(self.partial_dir, self.final_dir)
-        self.partial_dir = None
+        for name in CONTROL_FILES:
+            (self.final_dir / name).unlink(missing_ok=True)
+        self.partial_dir, self._record = None, None
         return self.final_dir
 
     def invalidate(self) -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qatflow import distributed
 from qatflow.config import FlowConfig
 from qatflow.manifest import StageOutput, is_complete, read_manifest
 from qatflow.stages import BY_NAME, fingerprints
@@ -70,20 +71,27 @@ def run_stage(stage: str, config_yaml: str) -> None:
             raise StageInputError(f"{stage} needs {dep}, which has no complete result for these settings "
                                   f"in {dep_dir}: run the flow again without --from-stage, or fix {dep} first")
         inputs[dep] = dep_dir
-    # Several processes (torchrun, one per GPU) run a multi-GPU stage: they share its partial folder, and rank 0
-    # alone writes the manifest, once the stage's own collectives have every rank's files on disk.
-    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    # Several processes (torchrun or srun tasks, one per GPU) run a multi-GPU stage: they share its partial folder,
+    # and rank 0 alone writes the manifest, once the stage's own collectives have every rank's files on disk.
+    rank, world_size = distributed.rank(), distributed.world_size()
     partial = output.begin(rank, world_size)
     ctx = StageContext(config=config, stage=stage, out_dir=partial, final_dir=output.final_dir,
                        work_dir=output.work_dir, inputs=inputs)
-    ctx.log(f"starting: {spec.summary}")
+    ctx.log(f"starting: {spec.summary}" + (f" (rank {rank} of {world_size})" if world_size > 1 else ""))
     if secrets:
         ctx.log(f"secrets received: {', '.join(secrets)}")
     module = importlib.import_module(f"qatflow.stages.{spec.module}")
-    metrics: dict[str, Any] = module.run(ctx) or {}
+    try:
+        metrics: dict[str, Any] = module.run(ctx) or {}
+    except BaseException as error:
+        output.fail(error)  # rank 0: the waiting ranks stop now, with this error, instead of waiting on
+        raise
     if rank != 0:
         output.wait_for_commit(rank)
         return
     input_record = {dep: {"path": str(path), "fingerprint": prints[dep]} for dep, path in inputs.items()}
     final = output.commit(input_record, metrics, config.section_hash(*spec.sections) if spec.sections else "")
     ctx.log(f"done -> {final}")
+    after_commit = getattr(module, "after_commit", None)
+    if after_commit is not None:
+        after_commit(ctx)  # what the stage kept only while a killed run could resume (training checkpoints)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qatflow import distributed
 from qatflow.backends.nemo.settings import Parallelism, parallelism
 from qatflow.config import FlowConfig
 
@@ -167,14 +168,10 @@ def tokenizer_dir(stage_dir: Path) -> Path:
 
 
 def world_size() -> int:
-    """Processes of this stage (torchrun / srun tasks), once NeMo has set up torch.distributed."""
-    import torch
-
-    return int(torch.distributed.get_world_size()) if torch.distributed.is_initialized() else 1
+    """Processes of this stage (torchrun / srun tasks)."""
+    return distributed.world_size()
 
 
 def is_rank_zero() -> bool:
-    """Files every rank would write alike (tokenizer, copies, logs) are written by global rank 0 only."""
-    import os
-
-    return int(os.environ.get("RANK", "0")) == 0
+    """Files every rank would write alike (tokenizer, checkpoint links, logs) are written by global rank 0 only."""
+    return distributed.is_rank_zero()
