@@ -150,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     planned = graph.plan(config, force=args.force, from_stage=args.from_stage)
     print(graph.describe(config, planned))
     if args.dry_run:
+        from qatflow.memory_plan import plan_for
+
+        print(f"\n{plan_for(config).describe(config.run.gpu_memory_gb)}")
         if config.run.executor in ("slurm", "docker"):
             print(graph.dry_run_scripts(config, planned))
         return 0

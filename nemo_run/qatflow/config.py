@@ -151,6 +151,10 @@ class RunConfig:
     pipeline_parallelism: int = 1
     # --executor slurm: the cluster profile (a YAML path or a name shipped in slurm/; see slurm/README.md).
     slurm_profile: Optional[str] = None
+    # Memory of one GPU in GB (2^30 bytes, as torch counts); settings whose memory plan does not fit are refused
+    # before queueing (qatflow.memory_plan). memory_check: false runs them anyway.
+    gpu_memory_gb: float = 80.0
+    memory_check: bool = True
 
 
 @dataclass
@@ -362,6 +366,8 @@ def validate(config: FlowConfig) -> None:
     if config.run.executor == "slurm" and not config.run.slurm_profile:
         raise ConfigError("--executor slurm needs --slurm-profile slurm/<cluster>.yaml (or $QATFLOW_SLURM_PROFILE); "
                           "see slurm/README.md")
+    if config.run.gpu_memory_gb <= 0:
+        raise ConfigError(f"run.gpu_memory_gb={config.run.gpu_memory_gb} must be positive (GB of one GPU)")
     if config.run.backend == "hf":
         for name in ("ptq_gpus", "train_gpus", "train_nodes", "tensor_parallelism", "pipeline_parallelism"):
             if getattr(config.run, name) != 1:
