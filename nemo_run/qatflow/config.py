@@ -111,9 +111,21 @@ class EvalConfig:
 
 @dataclass
 class ExportConfig:
-    # dtype of the tensors that are not quantized (embeddings, norms, lm_head). float32 ships exactly the
-    # student that was trained; bfloat16 halves them but moves the model (05_verify measures by how much).
-    dtype: str = "float32"
+    # dtype of the tensors that are not quantized (embeddings, norms, lm_head) and that config.json names: the
+    # dtype engines compute the export in. bfloat16 is what vLLM and TensorRT-LLM serve NVFP4 in; float16 and
+    # float32 stay settings. 05_verify computes student and export in it.
+    dtype: str = "bfloat16"
+
+
+@dataclass
+class VerifyConfig:
+    # 05_verify fails when KL(student || export), both computed as a serving engine computes the export (export
+    # dtype, NVFP4 weights and activations), exceeds this many nats/token (assistant or all tokens). A correct
+    # export gives 0 on the hf backend.
+    max_kl: float = 1e-3
+    # Also score the weight-only path (NVFP4 weights, unquantized activations: vLLM's Marlin path on GPUs
+    # without FP4 GEMMs). Reported, never failed on.
+    w4a16: bool = True
 
 
 @dataclass
@@ -189,6 +201,7 @@ class FlowConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
     nemo: NemoConfig = field(default_factory=NemoConfig)
     run: RunConfig = field(default_factory=RunConfig)
     docker: DockerConfig = field(default_factory=DockerConfig)
@@ -359,6 +372,8 @@ def validate(config: FlowConfig) -> None:
     _choice(config.run.device, DEVICES, "run.device")
     _choice(config.model.dtype, DTYPES, "model.dtype")
     _choice(config.export.dtype, ("bfloat16", "float16", "float32"), "export.dtype")
+    if not config.verify.max_kl >= 0:
+        raise ConfigError(f"verify.max_kl={config.verify.max_kl} must be at least 0 (nats/token)")
     if config.run.backend == "nemo":
         _validate_nemo(config)
     if config.run.executor == "docker":

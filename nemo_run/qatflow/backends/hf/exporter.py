@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -56,7 +57,57 @@ def export(ctx: StageContext) -> dict:
         cast_parameters(model, dtype)
         export_hf_checkpoint(model, dtype=dtype, export_dir=target)
     tokenizer.save_pretrained(target)  # tokenizer and chat template ship with the weights
+    finalize_checkpoint(target, dtype, ctx.log)
     return export_metrics(ctx, target, baked)
+
+
+# Written beside a quantized weight by the unified export; they keep their own dtypes (fp32, float8).
+SCALE_SUFFIXES = (".weight_scale", ".weight_scale_2", ".input_scale", ".k_scale", ".v_scale")
+HALF_OR_FULL = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def readable_mode(directory: bool = False) -> int:
+    """The mode a new file (or folder) gets from the process umask: what every other checkpoint file has."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
+def finalize_checkpoint(target: Path, dtype: torch.dtype, log=print) -> dict:
+    """What both exporters do last, so the checkpoint is what engines load:
+
+    - every unquantized floating tensor in `dtype` (ModelOpt's exporters cast the quantized layers only: the
+      Megatron exporter ships the student's fp32 embedding and norms otherwise), scales left as written;
+    - config.json's `dtype` and `torch_dtype` naming `dtype` (engines build the model in it; transformers 4.57
+      writes `dtype`, older readers and TensorRT-LLM read `torch_dtype`);
+    - every file readable like any other: safetensors >= 0.8 writes through a `tempfile::NamedTempFile` that it
+      renames into place (safetensors PR #764), created 0600 whatever the umask (safetensors issue #782), so a
+      serving container running as another user could not read model.safetensors.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    cast = 0
+    for file in sorted(target.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as handle:
+            metadata = handle.metadata()
+            state = {name: handle.get_tensor(name) for name in handle.keys()}
+        wrong = [name for name, tensor in state.items()
+                 if tensor.dtype in HALF_OR_FULL and tensor.dtype != dtype and not name.endswith(SCALE_SUFFIXES)]
+        if wrong:
+            for name in wrong:
+                state[name] = state[name].to(dtype)
+            save_file(state, str(file), metadata=metadata or {"format": "pt"})
+            cast += len(wrong)
+    name = str(dtype).removeprefix("torch.")
+    config_path = target / "config.json"
+    config = json.loads(config_path.read_text())
+    config["dtype"] = config["torch_dtype"] = name
+    config_path.write_text(json.dumps(config, indent=4) + "\n")
+    for path in [target, *target.rglob("*")]:
+        path.chmod(readable_mode(directory=path.is_dir()))
+    log(f"export: unquantized tensors in {name} ({cast} cast), config.json dtype {name}, files readable")
+    return {"cast_to_export_dtype": cast}
 
 
 def export_metrics(ctx: StageContext, target: Path, baked: int) -> dict:
@@ -65,7 +116,7 @@ def export_metrics(ctx: StageContext, target: Path, baked: int) -> dict:
     quantization = quant.get("quantization", {})
     size = sum(p.stat().st_size for p in target.glob("*.safetensors"))
     ctx.log(f"export: {size / 1e6:.1f} MB of safetensors, quant_algo {quantization.get('quant_algo')}")
-    return {"checkpoint": str(ctx.final_dir / CHECKPOINT_SUBDIR),
+    return {"checkpoint": str(ctx.final_dir / CHECKPOINT_SUBDIR), "dtype": ctx.config.export.dtype,
             "safetensors_bytes": size, "quantized_weights": baked, "quant_algo": quantization.get("quant_algo"),
             "exclude_modules": quantization.get("exclude_modules", []),
             "kv_cache_quant_algo": quantization.get("kv_cache_quant_algo")}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from qatflow.backends.hf.exporter import CHECKPOINT_SUBDIR, bake_quantized_weights, export_metrics
+from qatflow.backends.hf.exporter import CHECKPOINT_SUBDIR, bake_quantized_weights, export_metrics, finalize_checkpoint
 from qatflow.backends.hf.modeling import DTYPES, load_tokenizer
 from qatflow.backends.nemo import runtime
 from qatflow.stages.runner import StageContext
@@ -40,4 +40,10 @@ def export(ctx: StageContext) -> dict:
         export_mcore_gpt_to_hf(core, pretrained_model_name_or_path=str(hf_template), dtype=dtype,
                                export_dir=str(target))
     load_tokenizer(hf_template).save_pretrained(target)  # tokenizer and chat template ship with the weights
+    # fp32 restored embedding and norms -> the export dtype, config.json dtype, readable files: once, on rank 0.
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not distributed or torch.distributed.get_rank() == 0:
+        finalize_checkpoint(target, dtype, ctx.log)
+    if distributed:
+        torch.distributed.barrier()
     return export_metrics(ctx, target, baked)
