@@ -338,22 +338,34 @@ def _with(config: FlowConfig, **changes: dict) -> FlowConfig:
     return changed
 
 
+def _gpu_counts(config: FlowConfig, size: int) -> list[int]:
+    """Training GPUs for tensor-parallel size `size`: multiples of it up to one node of 8 (or the GPUs asked for)
+    whose data-parallel size divides the global batch."""
+    most = max(8, config.run.train_gpus if config.run.backend == "nemo" else 1)
+    return [gpus for gpus in range(size, most + 1, size)
+            if config.train.global_batch_size % (config.train.micro_batch_size * gpus // size) == 0]
+
+
 def _nemo_tensor_fix(config: FlowConfig, shape: ModelShape) -> str | None:
-    """The smallest TP that fits, keeping the training GPUs when TP divides them (else TP GPUs)."""
+    """The smallest TP that fits (with the nemo backend: the TP asked on more GPUs, or a larger one), on the fewest
+    GPUs; from the hf backend with the distributed optimizer, which the nemo backend's GPU settings use."""
+    nemo = config.run.backend == "nemo"
     for size in _tensor_choices(shape):
-        if config.run.backend == "nemo" and size <= config.run.tensor_parallelism:
+        if nemo and size < config.run.tensor_parallelism:
             continue
-        gpus = config.run.train_gpus if config.run.backend == "nemo" and config.run.train_gpus % size == 0 else size
         ptq_gpus = config.run.ptq_gpus if config.run.ptq_gpus % size == 0 else size
-        run = {"backend": "nemo", "train_gpus": gpus, "ptq_gpus": ptq_gpus, "tensor_parallelism": size}
-        candidate = _with(config, run=run)
-        if config.run.backend != "nemo":
-            candidate.nemo.use_distributed_optimizer = True
-        if _training_fits(candidate, shape):
-            flags = f"--train-gpus {gpus} --tensor-parallelism {size}"
-            if ptq_gpus != config.run.ptq_gpus:
-                flags += f" --ptq-gpus {ptq_gpus}"
-            return flags if config.run.backend == "nemo" else f"--backend nemo {flags}"
+        for gpus in _gpu_counts(config, size):
+            if nemo and size == config.run.tensor_parallelism and gpus <= config.run.train_gpus:
+                continue  # the same split on no more GPUs: what was asked
+            candidate = _with(config, run={"backend": "nemo", "train_gpus": gpus, "ptq_gpus": ptq_gpus,
+                                           "tensor_parallelism": size})
+            if config.run.backend != "nemo":
+                candidate.nemo.use_distributed_optimizer = True
+            if _training_fits(candidate, shape):
+                flags = f"--train-gpus {gpus} --tensor-parallelism {size}"
+                if ptq_gpus != config.run.ptq_gpus:
+                    flags += f" --ptq-gpus {ptq_gpus}"
+                return flags if nemo else f"--backend nemo {flags}"
     return None
 
 
