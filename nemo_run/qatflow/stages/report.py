@@ -65,20 +65,47 @@ def _plot_comparison(rows: list[tuple[str, dict]], path: Path) -> None:
     plt.close(fig)
 
 
+def served_rows(verify: dict) -> tuple[dict | None, dict | None]:
+    """The export as served (W4A4) and its weight-only path, scored against the full-precision model by 05_verify,
+    in the harness's metric names; None where 05_verify did not measure them."""
+    def row(metrics: dict, prefix: str = "") -> dict | None:
+        if "kl_full_assistant" not in metrics:
+            return None
+        return {"ppl_assistant": metrics[f"{prefix}ppl_assistant"], "ppl_all": metrics[f"{prefix}ppl_all"],
+                "kl_assistant": metrics["kl_full_assistant"], "kl_all": metrics["kl_full_all"]}
+
+    served = row(verify, "served_" if "served_ppl_assistant" in verify else "")
+    weight_only = row(verify["w4a16"]) if isinstance(verify.get("w4a16"), dict) else None
+    return served, weight_only
+
+
 def run(ctx: StageContext) -> dict:
     config = ctx.config
     method = config.train.method.upper()
     experiment = config.experiment_dir
+    algorithm = config.ptq.algorithm.upper()
+    verify = (read_manifest(ctx.inputs["05_verify"]) or {}).get("metrics", {})
+    served, weight_only = served_rows(verify)
+    as_trained = "as trained (fake quant)"
     rows: list[tuple[str, dict]] = []
+    computed: list[str] = []
     for stage, label in ROWS:
         metrics = (read_manifest(ctx.inputs[stage]) or {}).get("metrics", {})
+        how = "as loaded" if stage == "06_eval_bf16" else as_trained
         if stage == "07_eval_ptq":
-            label = f"{config.ptq.algorithm.upper()} PTQ"
+            label = f"{algorithm} PTQ"
         if stage == "08_eval_trained":
-            label = f"{config.ptq.algorithm.upper()} {method}"
+            label = f"{algorithm} {method}"
+            if served is not None:  # the trained row is the export as served; the student's own row beside it
+                rows.append((label, served))
+                computed.append(f"export as served: {verify.get('served', config.export.dtype)}, from the checkpoint")
+                label = f"{algorithm} {method} student"
         rows.append((label, metrics))
-    full, ptq, trained = (metrics for _, metrics in rows)
-    verify = (read_manifest(ctx.inputs["05_verify"]) or {}).get("metrics", {})
+        computed.append(how)
+    if weight_only is not None:
+        rows.append((f"{algorithm} {method} export W4A16", weight_only))
+        computed.append(f"export, {config.export.dtype} W4A16 (weights only)")
+    full, ptq, trained = rows[0][1], rows[1][1], rows[2][1]
     history = [json.loads(line) for line in (ctx.inputs["03_train"] / TRAIN_LOG).read_text().splitlines()
                if line.strip()]
     _plot_loss(history, ctx.out_dir / "loss.png", config.train.method)
@@ -99,13 +126,18 @@ def run(ctx: StageContext) -> dict:
         f"- evaluation: {full.get('conversations')} held-out conversations, {full.get('tokens_assistant')} assistant "
         f"tokens of {full.get('tokens_all')}",
         "",
-        "| model | ppl (assistant) | ppl (all tokens) | KL to full precision (assistant) | KL (all tokens) |",
-        "|---|---|---|---|---|",
+        "| model | computed | ppl (assistant) | ppl (all tokens) | KL to full precision (assistant) | "
+        "KL (all tokens) |",
+        "|---|---|---|---|---|---|",
     ]
-    for label, metrics in rows:
-        lines.append(f"| {label} | {metrics['ppl_assistant']:.3f} | {metrics['ppl_all']:.3f} | "
+    for (label, metrics), how in zip(rows, computed):
+        lines.append(f"| {label} | {how} | {metrics['ppl_assistant']:.3f} | {metrics['ppl_all']:.3f} | "
                      f"{metrics['kl_assistant']:.4f} | {metrics['kl_all']:.4f} |")
     lines += [
+        "",
+        f"The {algorithm} {method} row is {'the exported checkpoint as an engine serves it' if served else 'the student'}"
+        f"; BF16, PTQ{' and the student' if served else ''} are computed as trained "
+        f"({'fp32 on CPU, bf16 autocast on GPU' if config.run.backend == 'hf' else 'NeMo, fp32 parameters'}).",
         "",
         f"{method} closed {_percent(recovery['ppl_gap_closed_assistant'])} of the PTQ perplexity gap on assistant "
         f"tokens ({_percent(recovery['ppl_gap_closed_all'])} on all tokens) and "
@@ -121,15 +153,25 @@ def run(ctx: StageContext) -> dict:
         "",
     ]
     if verify.get("verified"):
+        numerics = verify.get("numerics", "float32")
         lines += [
-            f"Reloaded from disk and dequantized with ModelOpt ({verify['quantized_layers']} NVFP4 layers), then "
-            f"compared with the trained student on the same held-out conversations:",
+            f"05_verify checked the checkpoint against vLLM's and TensorRT-LLM's ModelOpt loaders, reloaded it from "
+            f"disk ({verify['quantized_layers']} NVFP4 layers dequantized from their codes) and compared it with the "
+            f"trained student computed the same way, on the same held-out conversations. Backend and numerics: "
+            f"{numerics}.",
             "",
-            "| | KL(student ‖ export) assistant | KL all tokens | export ppl (assistant) | export ppl (all) |",
-            "|---|---|---|---|---|",
-            f"| export | {verify['kl_assistant']:.2e} | {verify['kl_all']:.2e} | {verify['ppl_assistant']:.3f} | "
-            f"{verify['ppl_all']:.3f} |",
+            "| path | numerics | KL(student ‖ export) assistant | KL all tokens | export ppl (assistant) | "
+            "export ppl (all) |",
+            "|---|---|---|---|---|---|",
+            f"| W4A4 (served) | {numerics} | {verify['kl_assistant']:.2e} | {verify['kl_all']:.2e} | "
+            f"{verify['ppl_assistant']:.3f} | {verify['ppl_all']:.3f} |",
         ]
+        if isinstance(verify.get("w4a16"), dict):
+            w4a16 = verify["w4a16"]
+            lines.append(f"| W4A16 (weights only) | {w4a16['numerics']} | {w4a16['kl_assistant']:.2e} | "
+                         f"{w4a16['kl_all']:.2e} | {w4a16['ppl_assistant']:.3f} | {w4a16['ppl_all']:.3f} |")
+        if "max_kl" in verify:
+            lines += ["", f"Passed: W4A4 KL at most verify.max_kl = {verify['max_kl']:g} nats/token."]
     else:
         lines.append(f"Not reloaded: {verify.get('reason', 'verify did not run')}.")
     lines += [
@@ -145,4 +187,5 @@ def run(ctx: StageContext) -> dict:
     (ctx.out_dir / "report.md").write_text("\n".join(lines))
     ctx.log(f"report: {ctx.final_dir / 'report.md'}")
     return {"rows": {label: metrics for label, metrics in rows}, "recovery": recovery,
-            "export_kl_assistant": verify.get("kl_assistant"), "export_dir": str(export_dir)}
+            "export_kl_assistant": verify.get("kl_assistant"), "export_numerics": verify.get("numerics"),
+            "export_dir": str(export_dir)}
