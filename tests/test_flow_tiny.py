@@ -38,6 +38,7 @@ def test_tiny_flow_end_to_end_then_rerun_skips(tiny_recipe, tmp_path):
     assert verify["kl_all"] < 1e-6, verify
     train = _manifest(experiment, "03_train")["metrics"]
     assert train["method"] == "qad" and train["steps"] == 6 and train["resumed_from_step"] == 0
+    _assert_weights_only_and_no_checkpoints_left(experiment)
     report = (experiment / "09_report" / "report.md").read_text()
     for row in ("| BF16 / full precision |", "| NVFP4 PTQ |", "| NVFP4 QAD |", "KL(student ‖ export)",
                 "trtllm-serve", "vllm serve"):
@@ -57,6 +58,15 @@ def test_tiny_flow_end_to_end_then_rerun_skips(tiny_recipe, tmp_path):
     assert _manifest(experiment, "03_train")["timings"] == train_timings
 
 
+def _assert_weights_only_and_no_checkpoints_left(experiment: Path) -> None:
+    """03_train ships the student's weights, no optimizer state; once committed its work folder keeps no
+    resumable checkpoint (they hold the optimizer state)."""
+    outputs = _manifest(experiment, "03_train")["outputs"]
+    assert any(name.endswith(".safetensors") for name in outputs), outputs
+    assert not [name for name in outputs if name.endswith((".pt", ".bin", ".pth")) or "optim" in name], outputs
+    assert not list(experiment.glob(".03_train.work/*/step_*.pt"))
+
+
 def _stage_job_pids(stage: str) -> list[int]:
     """Processes of nemo_run jobs running `stage` (torchx starts each in a session of its own)."""
     pids = []
@@ -72,17 +82,23 @@ def _stage_job_pids(stage: str) -> list[int]:
 
 def test_kill_during_training_then_resume(tiny_recipe, tmp_path):
     args = ["--recipe", str(tiny_recipe), "--log-dir", str(tmp_path), "--experiment", "killed",
-            "--set", "train.steps=400", "--set", "train.checkpoint_every=5"]
+            "--set", "train.steps=400", "--set", "train.checkpoint_every=5", "--set", "train.keep_checkpoints=2"]
     experiment = tmp_path / "killed"
     driver = subprocess.Popen([sys.executable, str(ENTRY), *args], cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
-    while time.time() < deadline and not list(experiment.glob(".03_train.work/*/step_*.pt")):
+    while time.time() < deadline and not list(experiment.glob(".03_train.work/*/step_000015.pt")):
         time.sleep(0.2)
     pids = _stage_job_pids("03_train")
-    assert pids, "training never wrote a checkpoint"
+    assert pids, "training never wrote its third checkpoint"
     for pid in pids:
         os.kill(pid, signal.SIGKILL)  # as the OOM killer or a lost node would
+    kept = sorted(experiment.glob(".03_train.work/*/step_*.pt"))
+    steps = [int(path.stem.split("_")[1]) for path in kept]
+    assert len(steps) == 2 and steps[1] - steps[0] == 5 and steps[0] >= 10, steps  # the last 2 of 3 or more
+    import torch
+
+    assert "optimizer" in torch.load(kept[-1], weights_only=False)  # resumable until the stage commits
     output, _ = driver.communicate(timeout=300)
     assert driver.returncode == 1, output[-3000:]
     assert "stages without a complete result: 03_train" in output
@@ -98,6 +114,7 @@ def test_kill_during_training_then_resume(tiny_recipe, tmp_path):
     history = (experiment / "03_train" / "train_log.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in history] == list(range(1, 401))
     assert not list(experiment.glob(".*.partial-*"))
+    _assert_weights_only_and_no_checkpoints_left(experiment)
 
 
 def test_excluded_layers_stay_full_precision_through_export(tiny_recipe, tmp_path):

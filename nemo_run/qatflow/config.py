@@ -98,6 +98,9 @@ class TrainConfig:
     # NVFP4 fake quant through ModelOpt's own kernel without its per-call Python wrappers (same numbers).
     lean_fake_quant: bool = True
     checkpoint_every: int = 50
+    # Resumable checkpoints (weights + optimizer state, ~16 bytes per parameter) kept in the work folder; deleted
+    # once the stage commits. 1 suffices to resume (each is written whole before the previous one goes).
+    keep_checkpoints: int = 1
     log_every: int = 1
     seed: int = 1234
 
@@ -395,6 +398,7 @@ def validate(config: FlowConfig) -> None:
         "train.steps": config.train.steps, "train.global_batch_size": config.train.global_batch_size,
         "train.micro_batch_size": config.train.micro_batch_size, "train.seq_len": config.train.seq_len,
         "train.checkpoint_every": config.train.checkpoint_every, "train.log_every": config.train.log_every,
+        "train.keep_checkpoints": config.train.keep_checkpoints,
         "eval.num_samples": config.eval.num_samples, "eval.seq_len": config.eval.seq_len,
         "eval.batch_size": config.eval.batch_size,
     }

@@ -4,8 +4,9 @@ The student keeps fp32 master weights (bf16 weights drop most Adam updates of th
 runs under bf16 autocast. NVFP4 fake quantization runs ModelOpt's kernels through lean forwards (lean_quant).
 Losses count assistant tokens only and are computed on those positions alone, in fp32 chunks (distill). The
 teacher runs at every step, or once over the training set when train.teacher_cache_topk caches its top-k
-(teacher_cache). Checkpoints in the stage's work folder let a killed run resume at its last checkpoint, with the
-same data order.
+(teacher_cache). Checkpoints in the stage's work folder (the last `train.keep_checkpoints`, with optimizer state)
+let a killed run resume at its last checkpoint, with the same data order; the stage output holds the weights only,
+and the checkpoints are deleted once the stage is committed.
 """
 
 from __future__ import annotations
@@ -32,9 +33,6 @@ from qatflow.chat import TokenizedConversation
 from qatflow.config import FlowConfig
 from qatflow.stages.runner import StageContext
 from qatflow.tokens import Batch, collate, read_split, tokenize_split
-
-CHECKPOINTS_KEPT = 2
-
 
 @functools.lru_cache(maxsize=4)
 def _epoch_permutation(num_items: int, seed: int, epoch: int) -> tuple[int, ...]:
@@ -70,15 +68,26 @@ def _checkpoints(work_dir: Path) -> list[Path]:
     return sorted(work_dir.glob("step_*.pt"))
 
 
-def save_checkpoint(work_dir: Path, step: int, model, optimizer, scheduler, history: list[dict]) -> Path:
+def save_checkpoint(work_dir: Path, step: int, model, optimizer, scheduler, history: list[dict],
+                    keep: int) -> Path:
+    """A resumable checkpoint; the `keep` newest stay. One is enough to resume: each is whole or absent."""
     path = work_dir / f"step_{step:06d}.pt"
     tmp = work_dir / f".step_{step:06d}.pt.tmp"
     torch.save({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "history": history}, tmp)
     os.replace(tmp, path)  # a checkpoint is whole or absent
-    for old in _checkpoints(work_dir)[:-CHECKPOINTS_KEPT]:
+    for old in _checkpoints(work_dir)[:-keep]:
         old.unlink()
     return path
+
+
+def drop_checkpoints(work_dir: Path) -> list[Path]:
+    """After the stage is committed nothing resumes from the work folder: its checkpoints (optimizer state
+    included) go; the teacher cache beside it stays for reruns."""
+    dropped = [*_checkpoints(work_dir), *work_dir.glob(".step_*.pt.tmp")]
+    for path in dropped:
+        path.unlink()
+    return dropped
 
 
 def _load_student(ctx: StageContext, device: torch.device):
@@ -242,7 +251,8 @@ def train(ctx: StageContext) -> dict:
                 ctx.log(f"step {step + 1}/{train_cfg.steps} {parts} lr {lr:.2e} grad {grad_norm:.3f} "
                         f"{tokens_seen / elapsed:.0f} tokens/s eta {eta:.0f}s")
             if (step + 1) % train_cfg.checkpoint_every == 0 and step + 1 < train_cfg.steps:
-                save_checkpoint(ctx.work_dir, step + 1, model, optimizer, scheduler, history)
+                save_checkpoint(ctx.work_dir, step + 1, model, optimizer, scheduler, history,
+                                train_cfg.keep_checkpoints)
     seconds = time.time() - started
     target = save_model(model, tokenizer, ctx.out_dir)
     (ctx.out_dir / TRAIN_LOG).write_text("".join(json.dumps(record) + "\n" for record in history))

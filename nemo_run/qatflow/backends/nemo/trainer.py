@@ -8,12 +8,16 @@ ModelOpt layer spec; here the model is built from the settings' layer spec (see 
 the student's weights and quantizers come from the strategy's restore of 02_ptq, as in `llm.distill`.
 
 Checkpoints go to the stage's work folder, so a killed run resumes from its last one (NeMo `AutoResume`); the
-exported checkpoint is chosen by step or validation loss, read from the checkpoint names.
+exported checkpoint is chosen by step or validation loss, read from the checkpoint names. The work folder keeps
+`train.keep_checkpoints` of them (the last ones, or with `nemo.export_checkpoint: best` the lowest validation
+losses); the chosen one enters the stage output as hard links (no copy), and once the stage is committed the work
+folder's checkpoints, optimizer state included, are deleted.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import time
@@ -30,6 +34,7 @@ from qatflow.config import FlowConfig
 from qatflow.stages.runner import StageContext
 
 RUN_NAME = "train"
+UNFINISHED = "-unfinished"  # NeMo's marker beside a checkpoint being written
 # NeMo names each checkpoint after its metrics; the choice of checkpoint reads them from there.
 CHECKPOINT_NAME = re.compile(r"val_loss=(?P<val_loss>[-\d.naninf]+)-step=(?P<step>\d+)")
 
@@ -42,14 +47,65 @@ class SavedCheckpoint:
 
 
 def saved_checkpoints(checkpoint_dir: Path) -> list[SavedCheckpoint]:
-    """Complete checkpoints (weights and context written) under NeMo's checkpoint folder, oldest step first."""
+    """Complete checkpoints (weights and context written, no unfinished marker) under NeMo's checkpoint folder,
+    oldest step first; a `-last` link comes after the checkpoint it links."""
     found = []
     for path in checkpoint_dir.glob("*") if checkpoint_dir.is_dir() else []:
         match = CHECKPOINT_NAME.search(path.name)
-        if match and not path.name.endswith("-unfinished") and (path / "context").is_dir() \
-                and (path / "weights" / "metadata.json").is_file():
+        if match and not path.name.endswith(UNFINISHED) and not path.with_name(path.name + UNFINISHED).exists() \
+                and (path / "context").is_dir() and (path / "weights" / "metadata.json").is_file():
             found.append(SavedCheckpoint(path, int(match["step"]), float(match["val_loss"])))
     return sorted(found, key=lambda saved: (saved.step, saved.path.name.endswith("-last")))
+
+
+def prune_checkpoints(checkpoint_dir: Path, keep: int) -> list[Path]:
+    """Deletes complete checkpoints older than the last `keep`, never the one a `-last` link points at (what
+    AutoResume resumes from) nor one still being written; returns what it deleted."""
+    saved = [entry for entry in saved_checkpoints(checkpoint_dir) if not entry.path.is_symlink()]
+    linked = {entry.path.resolve() for entry in saved_checkpoints(checkpoint_dir) if entry.path.is_symlink()}
+    doomed = [entry.path for entry in saved[:-keep] if entry.path.resolve() not in linked]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
+
+
+def drop_checkpoints(work_dir: Path) -> list[Path]:
+    """After the stage is committed nothing resumes from the work folder: its checkpoints (optimizer state
+    included) go; the data index and logs stay."""
+    checkpoint_dir = work_dir / RUN_NAME / "checkpoints"
+    if not checkpoint_dir.is_dir():
+        return []
+    dropped = sorted(checkpoint_dir.iterdir())
+    shutil.rmtree(checkpoint_dir)
+    return dropped
+
+
+def link_tree(source: Path, target: Path) -> str:
+    """`target` as a tree of hard links to the files of `source` (a link to it followed): the checkpoint enters
+    the stage output without a copy, and stays whole in the work folder until the stage commits, for a killed run
+    to resume from. Copies only where hard links cannot be made (another filesystem)."""
+    source = source.resolve()
+    how = "hard links"
+    for path in sorted(source.rglob("*")):
+        destination = target / path.relative_to(source)
+        if path.is_dir():
+            destination.mkdir(parents=True, exist_ok=True)
+            continue
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, destination)
+        except OSError:
+            shutil.copy2(path, destination)
+            how = "copies"
+    return how
+
+
+def has_optimizer_state(checkpoint: Path) -> bool:
+    """Whether a NeMo (torch_dist) checkpoint holds optimizer tensors besides the model's."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(str(checkpoint.resolve() / "weights")).read_metadata().state_dict_metadata
+    return any(key.startswith("optimizer") for key in keys)
 
 
 def choose_checkpoint(checkpoints: list[SavedCheckpoint], choice: str) -> SavedCheckpoint:
@@ -125,6 +181,17 @@ def optimizer(config: FlowConfig):
     return MegatronOptimizerModule(config=optim_config, lr_scheduler=schedule)
 
 
+class KeepLastCheckpoints(Callback):
+    """Keeps the last k complete checkpoints in the work folder (NeMo's own top-k ranks by a metric)."""
+
+    def __init__(self, checkpoint_dir: Path, keep: int):
+        self.checkpoint_dir, self.keep = checkpoint_dir, keep
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if runtime.is_rank_zero():
+            prune_checkpoints(self.checkpoint_dir, self.keep)
+
+
 class TrainLog(Callback):
     """One JSON line per optimizer step: the loss curve of the report, and progress in the job log."""
 
@@ -172,16 +239,27 @@ def train(ctx: StageContext) -> dict:
     resumed = saved_checkpoints(checkpoint_dir)
     start_step = resumed[-1].step if resumed else 0
     log_path = ctx.work_dir / TRAIN_LOG
+    by_loss = nemo.export_checkpoint == "best"
     checkpointing = ModelCheckpoint(
-        dirpath=str(checkpoint_dir), filename="{val_loss:.4f}-{step}", monitor="val_loss", save_top_k=2,
-        save_last=True, every_n_train_steps=train_cfg.checkpoint_every, save_on_train_epoch_end=False,
+        # best: NeMo's top-k by validation loss; last: every checkpoint is saved and KeepLastCheckpoints keeps
+        # the last k (NeMo's top-k on "step" parses the metric out of the whole path, the experiment's included).
+        dirpath=str(checkpoint_dir), filename="{val_loss:.4f}-{step}", monitor="val_loss" if by_loss else None,
+        save_top_k=train_cfg.keep_checkpoints if by_loss else -1,
+        # -last (what AutoResume resumes from) links the checkpoint of its step instead of a second copy.
+        save_last="link",
+        # The checkpoint at max_steps holds weights only: nothing resumes from a finished run.
+        save_optim_on_train_end=False,
+        every_n_train_steps=train_cfg.checkpoint_every, save_on_train_epoch_end=False,
         always_save_context=True, save_context_on_train_end=True)
+    callbacks = [checkpointing, TrainLog(str(log_path), start_step)]
+    if not by_loss:
+        callbacks.append(KeepLastCheckpoints(checkpoint_dir, train_cfg.keep_checkpoints))
     run_trainer = runtime.trainer(
         config, "03_train", training=True, restore_path=runtime.nemo_checkpoint(ctx.inputs["02_ptq"]),
         max_steps=train_cfg.steps, val_check_interval=min(nemo.val_check_interval, train_cfg.steps),
         limit_val_batches=nemo.limit_val_batches, log_every_n_steps=1, num_sanity_val_steps=0,
         use_distributed_sampler=False, enable_progress_bar=False,
-        callbacks=[checkpointing, TrainLog(str(log_path), start_step)])
+        callbacks=callbacks)
     model = build_model(ctx)
     ctx.log(f"{train_cfg.method.upper()} with llm.train: {train_cfg.steps} steps of {train_cfg.global_batch_size} "
             f"conversations (micro batch {train_cfg.micro_batch_size}), lr {train_cfg.lr:g}, "
@@ -193,12 +271,17 @@ def train(ctx: StageContext) -> dict:
                                 ckpt=checkpointing, tensorboard=None, wandb=None),
               resume=nl.AutoResume(resume_if_exists=True, resume_ignore_no_checkpoint=True),
               optim=optimizer(config), tokenizer="data")
+    if runtime.is_rank_zero() and not by_loss:
+        prune_checkpoints(checkpoint_dir, train_cfg.keep_checkpoints)
     chosen = choose_checkpoint(saved_checkpoints(checkpoint_dir), nemo.export_checkpoint)
+    optimizer_state = has_optimizer_state(chosen.path)
     ctx.log(f"trained student: {chosen.path.name} ({nemo.export_checkpoint}: step {chosen.step}, "
-            f"validation loss {chosen.val_loss:.4f})")
+            f"validation loss {chosen.val_loss:.4f})"
+            + ("; it holds optimizer state (an intermediate checkpoint)" if optimizer_state else ""))
     history = _history(log_path)
     if runtime.is_rank_zero():
-        shutil.copytree(chosen.path, runtime.nemo_checkpoint(ctx.out_dir), symlinks=False)
+        how = link_tree(chosen.path, runtime.nemo_checkpoint(ctx.out_dir))
+        ctx.log(f"{chosen.path.name} -> {runtime.nemo_checkpoint(ctx.out_dir)} as {how}")
         runtime.save_tokenizer(ctx.inputs["01_import"], ctx.out_dir)
         (ctx.out_dir / TRAIN_LOG).write_text("".join(json.dumps(record) + "\n" for record in history))
     last = history[-1] if history else {}
@@ -212,4 +295,5 @@ def train(ctx: StageContext) -> dict:
             "median_step_seconds": step_times[len(step_times) // 2] if step_times else None,
             "peak_memory_gib": round(peak, 2) if peak is not None else None,
             "final_loss": last.get("loss"), "checkpoint": chosen.path.name, "checkpoint_step": chosen.step,
-            "checkpoint_val_loss": chosen.val_loss, "seconds": round(time.time() - started, 1)}
+            "checkpoint_val_loss": chosen.val_loss, "checkpoint_optimizer_state": optimizer_state,
+            "seconds": round(time.time() - started, 1)}
