@@ -132,8 +132,17 @@ def test_unusable_paths_say_what_is_expected(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"blank.jsonl: no rows; expected one conversation per row"):
         _load(tmp_path / "blank.jsonl")
     (tmp_path / "latin1.jsonl").write_bytes(b'{"messages": "caf\xe9"}\n')
-    with pytest.raises(DataError, match=r"latin1.jsonl: not UTF-8 text .* re-encode the file as UTF-8"):
+    with pytest.raises(DataError, match=r"latin1.jsonl:1: not UTF-8 text .* re-encode the file as UTF-8"):
         _load(tmp_path / "latin1.jsonl")
+
+
+def test_one_stray_byte_is_one_bad_row(tmp_path: Path) -> None:
+    rows = [json.dumps(_conversation(i)).encode() for i in range(200)]
+    rows[7] = rows[7].replace(b"user", b"us\xe9r", 1)
+    (tmp_path / "mostly.jsonl").write_bytes(b"\n".join(rows) + b"\n")
+    splits = load_splits(str(tmp_path / "mostly.jsonl"), "chitchat", 150, 10, seed=0, system_prompt=None,
+                         max_bad_fraction=0.01)
+    assert (splits.rows, splits.skipped) == (200, 1)
 
 
 def test_row_variants_are_normalized() -> None:

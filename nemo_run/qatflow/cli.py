@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from qatflow import paths
@@ -13,6 +15,19 @@ from qatflow.config import BACKENDS, EXECUTORS, ConfigError, FlowConfig, build_c
 from qatflow.stages import STAGE_NAMES
 
 DEFAULT_RECIPE = "smollm2_135m"
+# argparse takes "-1e-5" for a flag (its own pattern knows only -1 and -.5); these are values: no flag looks so.
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line (not the usage block) and negative numbers read as values."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = NEGATIVE_NUMBER
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
 
 
 def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
@@ -24,7 +39,7 @@ def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="nemo_qat_flow.py",
         description="Quantization-aware training (QAT) or distillation (QAD, --distill) of a Hugging Face LLM to "
                     "NVFP4 as a nemo_run experiment: 00_data -> 01_import -> 02_ptq -> 03_train -> 04_export -> "
@@ -118,9 +133,14 @@ def absolutize_paths(config: FlowConfig) -> None:
 
 
 def load_config(argv: list[str] | None = None) -> tuple[FlowConfig, argparse.Namespace]:
+    from qatflow import input_checks
+
     args = build_parser().parse_args(argv)
-    config = build_config(pick_recipe(args.recipe, args.distill), flag_layer(args), args.overrides)
+    recipe = pick_recipe(args.recipe, args.distill)
+    input_checks.check_recipe(recipe)
+    config = build_config(recipe, flag_layer(args), args.overrides)
     absolutize_paths(config)
+    input_checks.check_files(config, dry_run=args.dry_run)
     from qatflow.preflight import preflight
 
     preflight(config)
@@ -134,9 +154,46 @@ def print_results(config: FlowConfig) -> None:
     print(f"report:           {report}" if report.exists() else "")
 
 
-def main(argv: list[str] | None = None) -> int:
+def print_error(error: Exception) -> None:
+    from qatflow.input_checks import one_line
+
+    print(f"error: {one_line(omit_omegaconf_details(str(error)))}", file=sys.stderr)
+
+
+# OmegaConf appends lines such as "    full_key: train.nope" and "    object_type=TrainConfig" to its messages: the
+# setting is already named, so they only lengthen the error.
+OMEGACONF_DETAIL = re.compile(r"\n\s+(full_key|object_type|reference_type|value_type|key)[:=][^\n]*?(?=\.\s|$)",
+                              re.MULTILINE)
+
+
+def omit_omegaconf_details(message: str) -> str:
+    return OMEGACONF_DETAIL.sub("", message)
+
+
+def print_failures(config: FlowConfig, failed: list[str], started: float) -> None:
+    """Per failed stage its own error and its log; then the stages that did not start and what to run next."""
     from qatflow import graph
 
+    print(f"\nstages without a complete result: {', '.join(failed)}", file=sys.stderr)
+    not_started = []
+    for stage in failed:
+        log = graph.stage_log(config, stage)
+        if log is None or log.stat().st_mtime < started:  # an earlier run's log: this run did not start it
+            not_started.append(stage)
+            continue
+        print(f"  {stage} failed: {graph.stage_error(log) or 'no error recorded; see its log'}", file=sys.stderr)
+        print(f"  {stage} log: {log}", file=sys.stderr)
+    if not_started:
+        print(f"  not started (the run ends at a failed stage): {', '.join(not_started)}", file=sys.stderr)
+    print("fix the first failed stage's cause and run the same command again: complete stages are kept",
+          file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from qatflow import graph, input_checks
+
+    # torch warns on import that the pynvml package is deprecated: noise in every error of the CLI.
+    warnings.filterwarnings("ignore", message="The pynvml package is deprecated")
     started = time.time()
     try:
         config, args = load_config(argv)
@@ -144,8 +201,9 @@ def main(argv: list[str] | None = None) -> int:
             from qatflow import slurm
 
             return slurm.command(config, status=args.status, logs=args.logs, cancel=args.cancel)
+        input_checks.check_inputs(config)
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print_error(error)
         return 2
     planned = graph.plan(config, force=args.force, from_stage=args.from_stage)
     print(graph.describe(config, planned))
@@ -164,18 +222,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         graph.check_executor(config, planned)  # the cluster's own answers, before anything is queued
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print_error(error)
         return 2
     graph.forget(config, planned)
     config.experiment_dir.mkdir(parents=True, exist_ok=True)
     (config.experiment_dir / "config.yaml").write_text(config.to_yaml())
     failed = graph.run_experiment(config, planned)
     if failed:
-        print(f"\nstages without a complete result: {', '.join(failed)}", file=sys.stderr)
-        for stage in failed:
-            log = graph.stage_log(config, stage)
-            print(f"  {stage}: {log if log else 'did not start'}", file=sys.stderr)
-        print("fix the first one and run the same command again: complete stages are kept", file=sys.stderr)
+        print_failures(config, failed, started)
         return 1
     print(f"\nflow complete in {time.time() - started:.0f} s")
     print_results(config)

@@ -268,13 +268,18 @@ Row = tuple[str, Any]  # (where it is: "file:line" or "file row N", the raw row 
 
 def jsonl_rows(path: Path) -> Iterator[Row]:
     try:
-        text = path.read_text(encoding="utf-8")
+        content = path.read_bytes()
     except OSError as error:
         raise DataError(f"{path}: cannot read ({error.strerror}); check --data-path") from None
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); "
-                        f"re-encode the file as UTF-8") from None
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Decoded line by line: one stray byte makes one bad row, not a rejected file. Split on bytes, so a U+2028
+    # inside a JSON string is not taken for a line end.
+    for number, raw in enumerate(content.splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as error:
+            yield f"{path}:{number}", BadRow(f"not UTF-8 text ({error.reason} at byte {error.start} of the line); "
+                                             f"re-encode the file as UTF-8")
+            continue
         if not line.strip():
             continue
         try:
