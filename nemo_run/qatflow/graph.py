@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,10 +132,10 @@ def add_tasks(experiment, config: FlowConfig, planned: list[PlannedStage]) -> di
 
 
 def open_experiment(config: FlowConfig):
-    import nemo_run as run
+    """The run's nemo_run experiment; it launches nothing after a stage that failed (local and docker runs)."""
+    from qatflow.experiment import StopAtFailure
 
-    return run.Experiment(config.run.experiment, base_dir=str(config.experiment_dir / "nemo_run"),
-                          log_level="WARN")
+    return StopAtFailure(config.run.experiment, base_dir=str(config.experiment_dir / "nemo_run"), log_level="WARN")
 
 
 def check_executor(config: FlowConfig, planned: list[PlannedStage]) -> None:
@@ -177,6 +178,35 @@ def run_experiment(config: FlowConfig, planned: list[PlannedStage]) -> list[str]
     prints = fingerprints(config)
     return [stage.name for stage in planned
             if stage.status != "done" and not is_complete(config.experiment_dir / stage.name, prints[stage.name])]
+
+
+TRACEBACK = "Traceback (most recent call last):"
+# What a log line may start with besides the stage's own output: torchrun's "[default0]:" rank prefix.
+RANK_PREFIX = re.compile(r"^\[default\d+\]:")
+# The exception line: a (dotted) class name, a colon and its message.
+EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt|Gone)): ?(.*)$")
+MAX_ERROR_LINES = 6
+
+
+def stage_error(log: Path) -> str | None:
+    """The last exception a stage's log records, as its own message without the traceback (which stays in the
+    log); None when the log holds no traceback."""
+    from qatflow.input_checks import one_line
+
+    lines = [RANK_PREFIX.sub("", line) for line in log.read_text(errors="replace").splitlines()]
+    starts = [index for index, line in enumerate(lines) if line.strip() == TRACEBACK]
+    if not starts:
+        return None
+    for index in range(starts[-1] + 1, len(lines)):
+        match = EXCEPTION_LINE.match(lines[index])
+        if match and not lines[index].startswith(" "):
+            message = [f"{match.group(1)}: {match.group(2)}"]
+            for line in lines[index + 1:index + MAX_ERROR_LINES]:
+                if not line.strip() or not line.startswith(" "):
+                    break
+                message.append(line)  # a message of several lines (a list of bad rows)
+            return one_line("\n".join(message))
+    return None
 
 
 def stage_log(config: FlowConfig, stage: str) -> Path | None:

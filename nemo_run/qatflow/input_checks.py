@@ -416,8 +416,11 @@ def check_rendered_mask(template: _TemplateOnly, sample: list[dict], where: str)
 
 
 def one_line(message: str) -> str:
-    """A message of several lines (a list of bad rows) as one line."""
-    return "; ".join(line.strip() for line in message.splitlines() if line.strip())
+    """A message of several lines (a list of bad rows) as one line: "them:\n  a\n  b" -> "them: a; b"."""
+    joined = ""
+    for line in (line.strip() for line in message.splitlines() if line.strip()):
+        joined += (" " if joined.endswith(":") else "; " if joined else "") + line
+    return joined
 
 
 def check_files(config: FlowConfig, dry_run: bool = False) -> None:

@@ -69,7 +69,8 @@ def run_stage(stage: str, config_yaml: str) -> None:
         dep_dir = config.experiment_dir / dep
         if not is_complete(dep_dir, prints[dep]):
             raise StageInputError(f"{stage} needs {dep}, which has no complete result for these settings "
-                                  f"in {dep_dir}: run the flow again without --from-stage, or fix {dep} first")
+                                  f"in {dep_dir} ({dep} failed, has not run, or its inputs changed since); run "
+                                  f"the same command again: it redoes {dep} first")
         inputs[dep] = dep_dir
     # Several processes (torchrun or srun tasks, one per GPU) run a multi-GPU stage: they share its partial folder,
     # and rank 0 alone writes the manifest, once the stage's own collectives have every rank's files on disk.
