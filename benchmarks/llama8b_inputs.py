@@ -3,6 +3,8 @@
     python benchmarks/llama8b_inputs.py inputs OUT   # here: OUT/tokenizer (the embedded model's tokenizer as an
                                                      # HF folder) and OUT/chat (long conversations)
     python benchmarks/llama8b_inputs.py model OUT/tokenizer MODEL_DIR   # on the GPU machine: random weights
+    python benchmarks/llama8b_inputs.py model OUT/tokenizer MODEL_DIR --tiny   # the same, 2 layers of width 64,
+                                                                               # to rehearse the script on a CPU
 
 The model has Llama-3.1-8B's shape (hidden 4096, 32 layers, 32 heads / 8 KV heads, intermediate 14336, vocabulary
 128256, Llama 3.1 rope scaling) and the embedded model's tokenizer, whose 49,152 ids are a subset of that
@@ -27,6 +29,8 @@ LLAMA31_8B = {
     "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                      "original_max_position_embeddings": 8192},
 }
+TINY = {**LLAMA31_8B, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "intermediate_size": 128}
 
 
 def long_conversations(tokenizer, target_tokens: int, wanted: int) -> list[dict]:
@@ -72,12 +76,12 @@ def make_inputs(out: Path, target_tokens: int, train: int, validation: int) -> N
     print(f"{out}: tokenizer ({len(tokenizer)} ids), {train} + {validation} conversations of ~{target_tokens} tokens")
 
 
-def make_model(tokenizer_dir: Path, model_dir: Path) -> None:
+def make_model(tokenizer_dir: Path, model_dir: Path, shape: dict) -> None:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(**LLAMA31_8B, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    config = LlamaConfig(**shape, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          architectures=["LlamaForCausalLM"])
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -87,7 +91,7 @@ def make_model(tokenizer_dir: Path, model_dir: Path) -> None:
     model.save_pretrained(model_dir, safe_serialization=True, max_shard_size="5GB")
     tokenizer.save_pretrained(model_dir)
     parameters = sum(p.numel() for p in model.parameters())
-    print(f"{model_dir}: {parameters / 1e9:.2f}B parameters, bf16, {json.dumps(LLAMA31_8B['rope_scaling'])}")
+    print(f"{model_dir}: {parameters / 1e9:.2f}B parameters, bf16, {json.dumps(shape['rope_scaling'])}")
 
 
 def main() -> None:
@@ -101,11 +105,12 @@ def main() -> None:
     model = sub.add_parser("model")
     model.add_argument("tokenizer", type=Path)
     model.add_argument("model_dir", type=Path)
+    model.add_argument("--tiny", action="store_true")
     args = parser.parse_args()
     if args.command == "inputs":
         make_inputs(args.out, args.tokens, args.train, args.validation)
     else:
-        make_model(args.tokenizer, args.model_dir)
+        make_model(args.tokenizer, args.model_dir, TINY if args.tiny else LLAMA31_8B)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@
 # ratios. Stage code runs in-process (benchmarks/run_stages_inprocess.py), multi-GPU stages under torchrun.
 #   python benchmarks/llama8b_inputs.py inputs INPUTS          # here: tokenizer and long conversations
 #   benchmarks/nemo_8b.sh INPUTS WORK RESULTS [qad_steps] [ratio_steps]
-# WORK needs ~90 GB of disk: the random-weight model is deleted once imported, each later run replaces the stage
-# it changes, and training work folders of finished runs are removed.
+# WORK needs ~100 GB of disk: each later run replaces the stages it changes, and training work folders of finished
+# runs are removed. NEMO_8B_SETTINGS adds CLI settings (a CPU rehearsal with a tiny model already in
+# WORK/llama31_8b_random: "--nemo-env cpu --set ...").
 set -euo pipefail
 inputs=$1 work=$2 results=$3 qad_steps=${4:-20} ratio_steps=${5:-10}
 here=$(cd "$(dirname "$0")" && pwd)
@@ -13,7 +14,7 @@ mkdir -p "$work" "$results"
 model=$work/llama31_8b_random
 experiment=$work/runs/llama8b
 common=(--recipe "$here/recipes/llama31_8b_nemo_2gpu.yaml" --model-name "$model" --data-path "$inputs/chat"
-        --log-dir "$work/runs" --experiment llama8b --nemo-env gpu-local)
+        --log-dir "$work/runs" --experiment llama8b --nemo-env gpu-local ${NEMO_8B_SETTINGS:-})
 
 stamp() { echo "[nemo_8b $(date +%H:%M:%S)] $*"; }
 in_process() { python3 "$here/run_stages_inprocess.py" "${common[@]}" "$@"; }
@@ -36,7 +37,6 @@ if [ ! -f "$experiment/01_import/manifest.json" ] && [ ! -f "$model/config.json"
 fi
 stamp "QAD: 00_data 01_import"
 in_process --stages 00_data 01_import
-rm -rf "$model"
 stamp "QAD: 02_ptq 03_train on two GPUs"
 on_two_gpus --stages 02_ptq 03_train --set "train.steps=$qad_steps"
 stamp "QAD: export, verify, evaluations, report"
