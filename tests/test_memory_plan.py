@@ -26,9 +26,17 @@ TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_si
 
 
 def model_dir(root: Path, name: str, config: dict) -> Path:
+    """A model folder with this config.json, a stand-in weight file and a tokenizer (the input checks want them;
+    the plan reads the config alone)."""
+    import torch
+    from safetensors.torch import save_file
+    from tiny_assets import build_tiny_tokenizer
+
     folder = root / name
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config))
+    save_file({"stand_in": torch.zeros(1)}, str(folder / "model.safetensors"))
+    build_tiny_tokenizer(folder)
     return folder
 
 
