@@ -162,7 +162,7 @@ CASES = {
                                                                                          "chat_template.jinja"))),
                                        "no tokenizer files", True, {}),
     "hub id while offline": (lambda d, m: ["--model-name", "qatflow-tests/no-such-model"],
-                             "qatflow-tests/no-such-model: a hub id, but HF_HUB_OFFLINE", True,
+                             "qatflow-tests/no-such-model: a hub id, but HF_HUB_OFFLINE", False,
                              {"HF_HUB_OFFLINE": "1"}),
     "--hf-tokenizer missing": (lambda d, m: _model_flags(m) + ["--hf-tokenizer", str(d / "no_tokenizer")],
                                "--hf-tokenizer", True, {}),

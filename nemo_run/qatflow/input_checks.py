@@ -114,7 +114,7 @@ def check_model_files(config: FlowConfig, dry_run: bool = False) -> None:
     if name.startswith(paths.PACKAGE_SCHEME):
         check_gguf(paths.resolve_package_file(name), "--model-name")
     elif not _is_path_like(name):
-        check_hub_id(name, "--model-name")
+        check_hub_id(name, "--model-name", dry_run)
     else:
         path = Path(name).expanduser()
         if path.is_file() and path.suffix == ".gguf":
@@ -124,7 +124,7 @@ def check_model_files(config: FlowConfig, dry_run: bool = False) -> None:
     tokenizer = config.model.hf_tokenizer
     if tokenizer:
         if not _is_path_like(tokenizer):
-            check_hub_id(tokenizer, "--hf-tokenizer")
+            check_hub_id(tokenizer, "--hf-tokenizer", dry_run)
         elif not Path(tokenizer).expanduser().is_dir():
             raise ConfigError(f"--hf-tokenizer {tokenizer}: no such folder; give a tokenizer folder or a hub id")
         elif not has_tokenizer_files(Path(tokenizer).expanduser()):
@@ -223,8 +223,19 @@ def _offline() -> bool:
     return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
 
 
-def check_hub_id(name: str, setting: str) -> None:
-    """A hub id resolves: from the local cache when it holds the model, else from the hub (which 01_import needs)."""
+def check_hub_id(name: str, setting: str, dry_run: bool = False) -> None:
+    """A hub id resolves: from the local cache when it holds the model, else from the hub (which 01_import needs).
+    A dry run only plans (the shipped recipes' models are downloaded by 01_import, perhaps on another machine): a
+    model it cannot reach is a warning there."""
+    try:
+        _check_hub_id(name, setting)
+    except ConfigError as error:
+        if not dry_run:
+            raise
+        print(f"warning: {error} (01_import needs it; a dry run goes on)", file=sys.stderr)
+
+
+def _check_hub_id(name: str, setting: str) -> None:
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
 
