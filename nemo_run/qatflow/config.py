@@ -138,7 +138,9 @@ class NemoConfig:
     ckpt_async_save and use_distributed_optimizer off."""
 
     model_class: str = "LlamaModel"  # nemo.collections.llm.<model_class>
-    config_class: Optional[str] = None  # nemo.collections.llm.<config_class>; None: read from the HF config
+    # The recipe's full-size NeMo config (nemo.collections.llm.<config_class>), a label: the model config is always
+    # read from the HF checkpoint, so a smaller model of the family runs the same recipe.
+    config_class: Optional[str] = None
     finetune_recipe: Optional[str] = None  # QAT: the model's NeMo finetune recipe (llm.<name>.finetune_recipe)
     accelerator: str = "gpu"
     precision: str = "bf16-mixed"

@@ -75,7 +75,8 @@ def describe_stage(config: FlowConfig, stage: str) -> str:
     nemo, train = config.nemo, config.train
     what = {
         "01_import": f"HF checkpoint of {config.model.name}, then NeMo's HF importer of llm.{nemo.model_class} "
-                     f"({nemo.config_class or 'config read from the HF checkpoint'}) built with these settings",
+                     f"(config read from the HF checkpoint"
+                     f"{f'; {nemo.config_class} not applied' if nemo.config_class else ''}) built with these settings",
         "02_ptq": f"nemo Quantizer({config.ptq.algorithm}, {config.ptq.calib_samples} calibration conversations "
                   f"from 00_data).quantize -> NeMo checkpoint with modelopt_state",
         "03_train": (f"DistillationGPTModel(student=02_ptq, teacher=01_import) via llm.train, logit KL, "
