@@ -230,10 +230,11 @@ def _input_fake_quant_hook(input_scale: torch.Tensor):
 
 
 def load_exported_model(export_dir: Path, device: torch.device, dtype: torch.dtype = torch.bfloat16,
-                        activations: bool = True):
+                        activations: bool = True, weights_dtype: torch.dtype | None = None):
     """The exported NVFP4 model as served in `dtype`: weights dequantized from their codes (fp32, then rounded once
     to `dtype`), the other tensors as stored, and with `activations` (W4A4) each quantized layer's input quantized
-    to NVFP4 with its exported input_scale; without (W4A16, vLLM's Marlin path) inputs stay in `dtype`."""
+    to NVFP4 with its exported input_scale; without (W4A16, vLLM's Marlin path) inputs stay in `dtype`.
+    `weights_dtype` (default `dtype`) rounds every weight to it first: served weights computed in another dtype."""
     from modelopt.torch.quantization.qtensor import NVFP4QTensor
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -263,11 +264,11 @@ def load_exported_model(export_dir: Path, device: torch.device, dtype: torch.dty
             exact = NVFP4QTensor(shape, torch.float32, packed).dequantize(
                 dtype=torch.float32, scale=state[f"{prefix}.weight_scale"],
                 double_scale=state[f"{prefix}.weight_scale_2"].float(), block_sizes={-1: BLOCK_SIZE})
-            weights[name] = exact.to(dtype)
+            weights[name] = exact.to(weights_dtype or dtype).to(dtype)
             if f"{prefix}.input_scale" in state:
                 input_scales[prefix] = state[f"{prefix}.input_scale"].float()
         else:
-            weights[name] = tensor.to(dtype)
+            weights[name] = tensor.to(weights_dtype or dtype).to(dtype)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = {"lm_head.weight"} if getattr(model_config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
@@ -282,11 +283,12 @@ def load_exported_model(export_dir: Path, device: torch.device, dtype: torch.dty
     return model.to(device).eval(), {"quantized_layers": quantized, "quant_algo": quant.get("quant_algo")}
 
 
-def served_student(model, dtype: torch.dtype, activations: bool = True):
+def served_student(model, dtype: torch.dtype, activations: bool = True, weights_dtype: torch.dtype | None = None):
     """Put a ModelOpt-quantized student under the numerics `load_exported_model` gives its export, in place:
     each quantized weight replaced by its fake-quantized value (fp32) rounded once to `dtype` and its weight
     quantizer switched off; every other parameter cast to `dtype` (quantizer amax buffers stay fp32); the
     activation quantizers kept (W4A4: the same ModelOpt op the export's input hooks run) or switched off (W4A16).
+    `weights_dtype` (default `dtype`) rounds every parameter to it first, as `load_exported_model`'s.
     Any other enabled quantizer (a KV cache) is refused: the export's reload does not compute it."""
     from modelopt.torch.quantization.nn import TensorQuantizer
 
@@ -302,7 +304,7 @@ def served_student(model, dtype: torch.dtype, activations: bool = True):
                 if isinstance(input_quantizer, TensorQuantizer):
                     input_quantizer.disable()
         for parameter in model.parameters():
-            parameter.data = parameter.data.to(dtype)
+            parameter.data = parameter.data.to(weights_dtype or dtype).to(dtype)
     for name, module in model.named_modules():
         if isinstance(module, TensorQuantizer) and module.is_enabled and not name.endswith("input_quantizer"):
             raise ExportFormatError(f"student quantizer {name} is enabled: 05_verify computes NVFP4 weights and "

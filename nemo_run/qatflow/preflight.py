@@ -11,6 +11,7 @@ from qatflow.config import ConfigError, FlowConfig
 
 # Formats whose fake quantization runs on CPU tensors (ModelOpt's own kernels for the others are CUDA-only).
 CPU_ALGORITHMS = ("nvfp4", "no_quant")
+VERIFIED_ALGORITHMS = ("nvfp4", "no_quant")  # the exports 05_verify computes as served (qatflow.export_reload)
 
 
 def resolve_device(requested: str) -> str:
@@ -145,6 +146,14 @@ def preflight(config: FlowConfig) -> None:
                           f"on CPU use one of {', '.join(CPU_ALGORITHMS)}")
     if device == "cpu" and config.ptq.enable_kv_cache:
         raise ConfigError("--enable-kv-cache needs a GPU (KV-cache fake quantization is CUDA-only); drop it on CPU")
+    # 05_verify fails an export it cannot compute as served: refuse it here rather than after training.
+    if config.ptq.algorithm not in VERIFIED_ALGORITHMS:
+        raise ConfigError(f"--algorithm {config.ptq.algorithm}: 05_verify computes only NVFP4 and unquantized "
+                          f"exports as an engine serves them, so this export would fail verification after "
+                          f"training; use --algorithm nvfp4")
+    if config.ptq.enable_kv_cache:
+        raise ConfigError("--enable-kv-cache: 05_verify does not compute a quantized KV cache, so the export would "
+                          "fail verification after training; drop --enable-kv-cache")
 
     log_dir = Path(config.run.log_dir)
     probe = log_dir if log_dir.exists() else next((p for p in log_dir.parents if p.exists()), Path("/"))

@@ -31,6 +31,8 @@ class VerifyError(RuntimeError):
 def numerics_label(config, compare: torch.dtype, activations: bool) -> str:
     """How 05_verify computed student and export, as the report and the manifest name it."""
     dtype = str(compare).removeprefix("torch.")
+    if compare != DTYPES[config.export.dtype]:
+        dtype = f"{dtype} compute of {config.export.dtype} weights"
     path = "W4A4 (NVFP4 weights and activations)" if activations else "W4A16 (NVFP4 weights only)"
     who = ("student and export both in transformers" if config.run.backend == "hf"
            else "Megatron student, export in transformers")
@@ -42,6 +44,10 @@ def compare_dtype(config) -> torch.dtype:
     in fp32 (runtime.SCORING_PRECISION): Megatron and transformers round differently, and NVFP4 activation codes
     amplify that rounding, so its comparison runs in fp32 (docs/benchmarks.md, section 7)."""
     return DTYPES[config.export.dtype] if config.run.backend == "hf" else torch.float32
+
+
+def _served_student(student, config, compare: torch.dtype, activations: bool):
+    return served_student(student, compare, activations, weights_dtype=DTYPES[config.export.dtype])
 
 
 def differing_tensors(student, exported) -> list[str]:
@@ -79,10 +85,11 @@ def run(ctx: StageContext) -> dict:
     compare = compare_dtype(config)
     quantized = found["quant_algo"] is not None
     try:
-        exported, info = (load_exported_model(export_dir, device, compare, activations=True) if quantized
-                          else (_load_plain(export_dir, device, compare), {"quantized_layers": 0}))
+        exported, info = (load_exported_model(export_dir, device, compare, activations=True, weights_dtype=served)
+                          if quantized
+                          else (_load_plain(export_dir, device, served).to(compare), {"quantized_layers": 0}))
         student, tokenizer = backend.load_model(ctx.inputs["03_train"], config, device)
-        student = served_student(student, compare, activations=True)
+        student = _served_student(student, config, compare, activations=True)
     except ExportFormatError as error:
         raise VerifyError(f"05_verify: {error}") from None
     full, _ = backend.load_model(ctx.inputs["01_import"], config, device)
@@ -113,8 +120,8 @@ def run(ctx: StageContext) -> dict:
         del served_model
     result["served"] = f"{config.export.dtype} W4A4" if quantized else config.export.dtype
     if quantized and config.verify.w4a16:
-        weight_only, _ = load_exported_model(export_dir, device, compare, activations=False)
-        student = served_student(student, compare, activations=False)
+        weight_only, _ = load_exported_model(export_dir, device, compare, activations=False, weights_dtype=served)
+        student = _served_student(student, config, compare, activations=False)
         w4a16 = _score(ctx, items, device, weight_only, tokenizer, student, {"full": full} if same_model else None)
         result["w4a16"] = {"numerics": numerics_label(config, compare, activations=False), **w4a16}
         ctx.log(f"weight-only export vs student: KL assistant {w4a16['kl_assistant']:.2e} all "
