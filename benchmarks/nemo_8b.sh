@@ -39,8 +39,10 @@ stamp "QAD: 00_data 01_import"
 in_process --stages 00_data 01_import
 stamp "QAD: 02_ptq 03_train on two GPUs"
 on_two_gpus --stages 02_ptq 03_train --set "train.steps=$qad_steps"
-stamp "QAD: export, verify, evaluations, report"
-in_process --set "train.steps=$qad_steps"
+for stage in 04_export 05_verify 06_eval_bf16 07_eval_ptq 08_eval_trained 09_report; do
+    stamp "QAD: $stage"
+    in_process --stages "$stage" --set "train.steps=$qad_steps" || stamp "QAD: $stage failed"
+done
 keep qad
 stamp "QAT: 03_train on two GPUs (the same NVFP4 02_ptq)"
 on_two_gpus --stages 03_train --set train.method=qat --set "train.steps=$ratio_steps"

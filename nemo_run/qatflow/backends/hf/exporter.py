@@ -82,7 +82,10 @@ def finalize_checkpoint(target: Path, dtype: torch.dtype, log=print) -> dict:
       writes `dtype`, older readers and TensorRT-LLM read `torch_dtype`);
     - every file readable like any other: safetensors >= 0.8 writes through a `tempfile::NamedTempFile` that it
       renames into place (safetensors PR #764), created 0600 whatever the umask (safetensors issue #782), so a
-      serving container running as another user could not read model.safetensors.
+      serving container running as another user could not read model.safetensors;
+    - hf_quant_config.json with every key vLLM's ModelOpt loader requires of the nested shape: ModelOpt's
+      Megatron exporter leaves `kv_cache_quant_algo` out when the KV cache is not quantized, which vLLM refuses
+      (null is what the HF exporter writes then).
     """
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -104,6 +107,12 @@ def finalize_checkpoint(target: Path, dtype: torch.dtype, log=print) -> dict:
     config = json.loads(config_path.read_text())
     config["dtype"] = config["torch_dtype"] = name
     config_path.write_text(json.dumps(config, indent=4) + "\n")
+    quant_path = target / QUANT_CONFIG
+    if quant_path.is_file():
+        quant = json.loads(quant_path.read_text())
+        if "quantization" in quant and "kv_cache_quant_algo" not in quant["quantization"]:
+            quant["quantization"]["kv_cache_quant_algo"] = None
+            quant_path.write_text(json.dumps(quant, indent=4) + "\n")
     for path in [target, *target.rglob("*")]:
         path.chmod(readable_mode(directory=path.is_dir()))
     log(f"export: unquantized tensors in {name} ({cast} cast), config.json dtype {name}, files readable")
