@@ -4,6 +4,7 @@ stops."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -328,3 +329,55 @@ def test_cancel_stops_a_submitted_experiment(cluster_env, tiny_recipe, tmp_path)
     states = {stage: state for stage, (_, state) in _job_ids(status.stdout).items()}
     assert status.returncode == 1 and states["03_train"] == states["09_report"] == "CANCELLED", status.stdout
     assert all(state in ("SUCCEEDED", "CANCELLED") for state in states.values()), states
+
+
+def test_nemo_stages_as_two_slurm_tasks_commit_once(cluster_env, tiny_model, tmp_path):
+    """02_ptq and 03_train of the nemo backend (CPU, gloo, TP=2) as two srun tasks each: every task knows its
+    rank from Slurm's variables, so one commits and the other waits; the next stage finds the result."""
+    from test_nemo_backend_cpu import NEMO_RECIPE, SHIMS
+
+    from qatflow.manifest import MANIFEST
+    from qatflow.stages import fingerprints
+
+    recipe = tmp_path / "tiny_nemo_qad.yaml"
+    recipe.write_text(NEMO_RECIPE.format(model=tiny_model))
+    # The CUDA stand-ins reach every task through the profile's environment.
+    profile = _profile(tmp_path, env={"QATFLOW_NEMO_CPU_SHIMS": "1", "PYTHONPATH": str(SHIMS)})
+    args = ["--recipe", str(recipe), "--log-dir", str(tmp_path), "--experiment", "tp2", "--executor", "slurm",
+            "--slurm-profile", str(profile), "--backend", "nemo", "--nemo-env", "cpu", "--ptq-gpus", "2",
+            "--train-gpus", "2", "--tensor-parallelism", "2", "--set", "train.steps=4",
+            "--set", "train.checkpoint_every=2", "--set", "nemo.val_check_interval=2"]
+    experiment = tmp_path / "tp2"
+    # The scoring stages are test_nemo_backend_cpu's; on 2 cores they are marked done here so that the cluster
+    # runs what this test is about: data, import, the two-task stages and the export that reads them.
+    config, _ = cli.load_config(args)
+    prints = fingerprints(config)
+    for stage in ("05_verify", "06_eval_bf16", "07_eval_ptq", "08_eval_trained", "09_report"):
+        (experiment / stage).mkdir(parents=True)
+        (experiment / stage / MANIFEST).write_text(json.dumps({"fingerprint": prints[stage], "outputs": {}}))
+    result = run_flow(*args, timeout=900)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+
+    status = run_flow(*args, "--status")
+    jobs = _job_ids(status.stdout)
+    assert sorted(jobs) == ["00_data", "01_import", "02_ptq", "03_train", "04_export"], status.stdout
+    for stage in ("02_ptq", "03_train"):
+        manifest = json.loads((experiment / stage / MANIFEST).read_text())
+        assert (manifest["metrics"]["processes"], manifest["metrics"]["tensor_parallel"]) == (2, 2), manifest
+        assert not list(experiment.glob(f".{stage}.partial-*"))  # committed once, nothing half-written left
+        weights = experiment / stage / "nemo" / "weights"
+        # each task's shard of the distributed checkpoint is there: no task deleted the other's files
+        writers = {path.name.split("_")[2] for path in weights.glob("__*_*.distcp")}
+        assert writers == {"0", "1"}, sorted(path.name for path in weights.iterdir())
+        assert all((experiment / stage / name).is_file() for name in manifest["outputs"])
+        log = run_flow(*args, "--logs", stage).stdout
+        assert "(rank 0 of 2)" in log and "(rank 1 of 2)" in log, log[-3000:]
+        assert log.count(f"done -> {experiment / stage}") == 1, log[-3000:]
+        steps = subprocess.run(["sacct", "-n", "-P", "-o", "JobID,NTasks,State", "-j", jobs[stage][0]],
+                               capture_output=True, text=True, check=True).stdout
+        assert any(line.split("|")[1:] == ["2", "COMPLETED"] for line in steps.splitlines()), steps
+    export = json.loads((experiment / "04_export" / MANIFEST).read_text())
+    assert export["inputs"]["03_train"]["fingerprint"] == prints["03_train"]
+    assert (experiment / "04_export" / "checkpoint" / "hf_quant_config.json").is_file()
+    assert json.loads((experiment / "03_train" / MANIFEST).read_text())["metrics"]["checkpoint_optimizer_state"] \
+        is False

@@ -55,6 +55,9 @@ GPU_JOB_ENV = {
 }
 
 FINAL_STATES = ("SUCCEEDED", "FAILED", "CANCELLED")
+# torchrun's variables: qatflow.distributed and Lightning prefer them to srun's, so a job must not inherit them.
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "MASTER_ADDR",
+               "MASTER_PORT")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -186,15 +189,16 @@ class JobShape:
 
 def job_shape(config: FlowConfig, profile: SlurmProfile, stage: str) -> JobShape:
     """What one stage's job asks for: the hf backend is one process on one device; the nemo backend runs one task
-    per GPU, with the devices and nodes its settings give each stage."""
-    if not profile.gpus or BY_NAME[stage].resources == "cpu":
+    per device, with the devices and nodes its settings give each stage (on a CPU-only profile, nemo.accelerator
+    cpu: the same tasks, no GPU request)."""
+    if BY_NAME[stage].resources == "cpu":
         return JobShape(0, 1, 1)
     if config.run.backend == "nemo":
         from qatflow.backends.nemo.settings import parallelism
 
         shape = parallelism(config, stage)
-        return JobShape(shape.devices, shape.nodes, shape.devices)
-    return JobShape(1, 1, 1)
+        return JobShape(shape.devices if profile.gpus else 0, shape.nodes, shape.devices)
+    return JobShape(1 if profile.gpus else 0, 1, 1)
 
 
 def jobs_root(config: FlowConfig) -> Path:
@@ -246,8 +250,9 @@ def check_profile(config: FlowConfig) -> SlurmProfile:
         raise ConfigError(f"run.train_gpus={run_settings.train_gpus} (--train-gpus, GPUs per node) is below "
                           f"--tensor-parallelism {run_settings.tensor_parallelism} x --pipeline-parallelism "
                           f"{run_settings.pipeline_parallelism} = {replica}; raise --train-gpus or lower TP/PP")
-    if run_settings.backend == "nemo" and not profile.gpus:
-        raise ConfigError(f"{where}: gpus=false but --backend nemo needs GPUs; use a GPU profile or --backend hf")
+    if run_settings.backend == "nemo" and not profile.gpus and config.nemo.accelerator != "cpu":
+        raise ConfigError(f"{where}: gpus=false but --backend nemo needs GPUs; use a GPU profile, --backend hf, "
+                          f"or --nemo-env cpu (checks on CPU tasks)")
     if profile.container.image:
         log_dir = str(config.run.log_dir)
         targets = [mount.split(":")[1].rstrip("/") for mount in profile.container.mounts]
@@ -314,8 +319,14 @@ def make_executor(config: FlowConfig, resources: str, stage: str, base_env: dict
     env.update(profile.env)
     if profile.packaging == "tree":
         # /nemo_run is the job's folder (mounted there in a container; rewritten to its path without one).
-        env["PYTHONPATH"] = f"{RUNDIR}/code:${{PYTHONPATH:-}}"
-    setup = [*profile.setup, *kind.setup]
+        # The profile's own PYTHONPATH, if any, comes next, then the inherited one.
+        env["PYTHONPATH"] = ":".join([f"{RUNDIR}/code", *filter(None, [profile.env.get("PYTHONPATH")]),
+                                      "${PYTHONPATH:-}"])
+    # Ranks come from srun (SLURM_PROCID / SLURM_NTASKS) and the rendezvous from Lightning's SLURMEnvironment (the
+    # first node of the job, a port from the job id): launch variables inherited from the submitting shell would
+    # override both in every task, so they are dropped unless the profile sets them.
+    inherited = [name for name in LAUNCH_VARS if name not in env]
+    setup = [*([f"unset {' '.join(inherited)}"] if inherited else []), *profile.setup, *kind.setup]
     return run.SlurmExecutor(
         account=profile.account,
         partition=kind.partition,
