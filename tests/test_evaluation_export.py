@@ -39,6 +39,12 @@ def test_score_matches_a_direct_computation(tiny_model):
     assert metrics["kl_assistant"] == 0.0
     self_kl = score(model, items, 4, tokenizer.pad_token_id, torch.device("cpu"), reference=model, log=lambda _: None)
     assert abs(self_kl["kl_all"]) < 1e-6  # KL of a model to itself
+    # Several references from one forward of the scored model: each KL as scoring against it alone gives.
+    half = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16).eval()
+    alone = score(half, items, 4, tokenizer.pad_token_id, torch.device("cpu"), reference=model, log=lambda _: None)
+    both = score(half, items, 4, tokenizer.pad_token_id, torch.device("cpu"), reference=model,
+                 references={"self": half, "full": model}, log=lambda _: None)
+    assert both["kl_full_all"] == both["kl_all"] == alone["kl_all"] > 0 and both["kl_self_assistant"] == 0.0
 
 
 def test_aligned_global_scales_agree_between_kernel_and_export():
@@ -79,3 +85,30 @@ def test_an_exclude_pattern_that_matches_nothing_names_the_layers(tiny_model):
     enabled = {name for name, module in model.named_modules() if name.endswith("_quantizer") and module.is_enabled}
     assert "model.layers.1.self_attn.q_proj.weight_quantizer" not in enabled
     assert "model.layers.1.self_attn.o_proj.weight_quantizer" in enabled
+
+
+def test_finalize_checkpoint_casts_unquantized_tensors_names_the_dtype_and_makes_files_readable(tmp_path):
+    import json
+    import os
+    import stat
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from qatflow.backends.hf.exporter import finalize_checkpoint
+
+    save_file({"model.norm.weight": torch.ones(4),
+               "model.layers.0.mlp.up_proj.weight": torch.zeros(4, 8, dtype=torch.uint8),
+               "model.layers.0.mlp.up_proj.weight_scale_2": torch.tensor(0.5)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"dtype": "float32"}))
+    assert stat.S_IMODE((tmp_path / "model.safetensors").stat().st_mode) == 0o600  # safetensors' temp file
+    finalize_checkpoint(tmp_path, torch.bfloat16, log=lambda _: None)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as handle:
+        dtypes = {name: handle.get_tensor(name).dtype for name in handle.keys()}
+    assert dtypes == {"model.norm.weight": torch.bfloat16, "model.layers.0.mlp.up_proj.weight": torch.uint8,
+                      "model.layers.0.mlp.up_proj.weight_scale_2": torch.float32}
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["dtype"] == config["torch_dtype"] == "bfloat16"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "model.safetensors").stat().st_mode) == 0o666 & ~umask
