@@ -115,6 +115,10 @@ def error(row: Measured) -> float | None:
     return None if row.peak_gb is None else estimate_gb(row) / row.peak_gb - 1
 
 
+def _gb(value: float) -> str:
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}"
+
+
 def table() -> str:
     lines = ["| measured on | model | mode | measured peak GB | estimate GB | estimate off by |",
              "|---|---|---|---|---|---|"]
@@ -124,8 +128,8 @@ def table() -> str:
             verdict = "fits" if estimate <= FIT_SHARE * H200_GB else "refused"
             measured, off = "OOM", f"{verdict} ({estimate / H200_GB:.0%} of the H200)"
         else:
-            measured, off = f"{row.peak_gb:.1f}", f"{error(row):+.0%}" + (" (outlier)" if row.outlier else "")
-        lines.append(f"| {row.source} | {row.shape} | {row.mode} | {measured} | {estimate:.1f} | {off} |")
+            measured, off = _gb(row.peak_gb), f"{error(row):+.0%}" + (" (outlier)" if row.outlier else "")
+        lines.append(f"| {row.source} | {row.shape} | {row.mode} | {measured} | {_gb(estimate)} | {off} |")
     return "\n".join(lines)
 
 
