@@ -135,8 +135,9 @@ def run(ctx: StageContext) -> dict:
                      f"{metrics['kl_assistant']:.4f} | {metrics['kl_all']:.4f} |")
     lines += [
         "",
-        f"The {algorithm} {method} row is {'the exported checkpoint as an engine serves it' if served else 'the student'}"
-        f"; BF16, PTQ{' and the student' if served else ''} are computed as trained "
+        f"The {algorithm} {method} row is "
+        f"{'the exported checkpoint as an engine serves it' if served else 'the student'}; "
+        f"BF16, PTQ{' and the student' if served else ''} are computed as trained "
         f"({'fp32 on CPU, bf16 autocast on GPU' if config.run.backend == 'hf' else 'NeMo, fp32 parameters'}).",
         "",
         f"{method} closed {_percent(recovery['ppl_gap_closed_assistant'])} of the PTQ perplexity gap on assistant "
