@@ -18,7 +18,7 @@ common=(--recipe "$here/recipes/llama31_8b_nemo_2gpu.yaml" --model-name "$model"
 
 stamp() { echo "[nemo_8b $(date +%H:%M:%S)] $*"; }
 in_process() { python3 "$here/run_stages_inprocess.py" "${common[@]}" "$@"; }
-on_two_gpus() { torchrun --nproc-per-node 2 "$here/run_stages_inprocess.py" "${common[@]}" "$@"; }
+on_two_gpus() { python3 -m torch.distributed.run --nproc-per-node 2 "$here/run_stages_inprocess.py" "${common[@]}" "$@"; }
 keep() {  # a finished run's manifests and report, before a later run replaces its stages
     local name=$1
     mkdir -p "$results/$name"
