@@ -56,7 +56,9 @@ def _values(words: list[str], flag: str) -> list[str]:
 
 def test_dry_run_shows_each_stage_container(tmp_path, monkeypatch):
     data = tmp_path / "chats.jsonl"
-    data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n')
+    # As many rows as the recipe's splits take: the CLI reads the data in full before a dry run too.
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+                    * 600)
     (tmp_path / "extra").mkdir()
     monkeypatch.setenv(SECRET_NAME, SECRET)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))

@@ -288,11 +288,18 @@ def test_tiny_flow_as_dependent_slurm_jobs(cluster_env, tiny_recipe, tmp_path):
 
 
 def test_failed_stage_cancels_its_dependents_and_exits_nonzero(cluster_env, tiny_recipe, tmp_path):
-    bad = tmp_path / "bad.jsonl"  # exists at submit time; 00_data finds at run time that no row is a conversation
-    bad.write_text("".join(f"not a conversation {i}\n" for i in range(20)))
+    bad = tmp_path / "bad.jsonl"  # passes the CLI's check; 00_data finds at run time that no row is a conversation
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    bad.write_text((json.dumps(row) + "\n") * 100)
     args = ("--recipe", str(tiny_recipe), "--log-dir", str(tmp_path), "--experiment", "broken",
             "--executor", "slurm", "--slurm-profile", "local", "--data-path", str(bad))
-    result = run_flow(*args)
+    driver = subprocess.Popen([sys.executable, str(ENTRY), *args], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    while not (tmp_path / "broken" / "config.yaml").exists() and driver.poll() is None:
+        time.sleep(0.02)  # the CLI writes it once its checks passed, just before it submits
+    bad.write_text("".join(f"not a conversation {i}\n" for i in range(20)))
+    result = subprocess.CompletedProcess(driver.args, 0, *driver.communicate(timeout=900))
+    result.returncode = driver.returncode
     assert result.returncode == 1, result.stdout[-4000:] + result.stderr[-4000:]
     assert "stages without a complete result: 00_data, 02_ptq" in result.stderr
     assert "malformed" in result.stdout  # the failed job's log tail

@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             from qatflow import slurm
 
             return slurm.command(config, status=args.status, logs=args.logs, cancel=args.cancel)
-        input_checks.check_inputs(config)
+        input_checks.check_inputs(config, dry_run=args.dry_run)
     except ConfigError as error:
         print_error(error)
         return 2

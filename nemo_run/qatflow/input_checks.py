@@ -347,11 +347,13 @@ def load_tokenizer(config: FlowConfig, folder: Path):
     return apply_template_override(tokenizer, config.model.chat_template)
 
 
-def check_chat_template(config: FlowConfig, sample: list[dict]) -> None:
+def check_chat_template(config: FlowConfig, sample: list[dict], dry_run: bool = False) -> None:
     """Compiles the template, then renders the sample and checks the assistant mask, with the tokenizer when it is
     local (tokens.tokenize_split, as every tokenizing stage runs it), else on the rendered text."""
     where = template_setting(config)
     folder = local_tokenizer_dir(config)
+    if folder is not None and dry_run and not has_tokenizer_files(folder):
+        folder = None  # a dry run plans from config.json alone: a folder of only that is not refused
     if folder is None:
         if config.model.chat_template:
             text = Path(config.model.chat_template).read_text(encoding="utf-8")
@@ -442,7 +444,8 @@ def check_files(config: FlowConfig, dry_run: bool = False) -> None:
     check_model_files(config, dry_run=dry_run)
 
 
-def check_inputs(config: FlowConfig) -> None:
-    """The data in full, then the tokenizer and chat template on a sample of it."""
+def check_inputs(config: FlowConfig, dry_run: bool = False) -> None:
+    """The data in full, then the tokenizer and chat template on a sample of it (a dry run does not ask for the
+    tokenizer files of a folder that has none)."""
     sample = check_data(config)
-    check_chat_template(config, sample)
+    check_chat_template(config, sample, dry_run=dry_run)
