@@ -56,18 +56,37 @@ def te_norm_names(target):
 def config_defaults(module, fields: dict):
     """NeMo's HF importers build the model config inside a property, and a config checks itself when built
     (rope fusion without Transformer Engine raises there), so it cannot be fixed afterwards: while the importer
-    builds it, the config classes of its module take the flow's values as defaults."""
+    builds it, the config classes of its module take the flow's values as defaults (each class the fields it has)."""
     from nemo.collections.llm.gpt.model.base import GPTConfig
 
     saved = {name: value for name, value in vars(module).items()
              if isinstance(value, type) and issubclass(value, GPTConfig)}
     try:
         for name, value in saved.items():
-            setattr(module, name, functools.partial(value, **fields))
+            known = {field.name for field in dataclasses.fields(value)}
+            setattr(module, name, functools.partial(value, **{k: v for k, v in fields.items() if k in known}))
         yield
     finally:
         for name, value in saved.items():
             setattr(module, name, value)
+
+
+def hf_config_fields(hf_dir: Path) -> dict:
+    """NeMo config fields that NeMo's HF importers leave at their class defaults although the HF config says
+    otherwise: the Qwen3 importer never reads head_dim (its config assumes 128), and the Llama importer reads only
+    the factor of Llama 3.1's rope scaling (the frequency band and original context stay 1, 4 and 8192)."""
+    from transformers import AutoConfig
+
+    source = AutoConfig.from_pretrained(hf_dir)
+    fields: dict = {}
+    if getattr(source, "head_dim", None):
+        fields["kv_channels"] = source.head_dim
+    scaling = getattr(source, "rope_scaling", None) or {}
+    if scaling.get("rope_type") == "llama3":
+        names = {"low_freq_factor": "low_freq_factor", "high_freq_factor": "high_freq_factor",
+                 "old_context_len": "original_max_position_embeddings"}
+        fields.update({field: scaling[key] for field, key in names.items() if key in scaling})
+    return fields
 
 
 def settings_importer(config: FlowConfig, hf_dir: Path):
@@ -75,10 +94,12 @@ def settings_importer(config: FlowConfig, hf_dir: Path):
     registered = type(model_class(config).importer(f"hf://{hf_dir}"))
     module = sys.modules[registered.__module__]
 
+    fields = {**hf_config_fields(hf_dir), **runtime.model_settings(config)}
+
     class SettingsImporter(registered):
         @property
         def config(self):
-            with config_defaults(module, runtime.model_settings(config)):
+            with config_defaults(module, fields):
                 return super().config
 
         def nemo_setup(self, model, trainer=None, *args, **kwargs):
@@ -116,4 +137,10 @@ def import_model(ctx: StageContext) -> dict:
             f"(layer spec {config.nemo.layer_spec}, fusions {'on' if config.nemo.fusions else 'off'})")
     importer = settings_importer(config, hf_dir)
     importer(overwrite=False, output_path=target)
-    return {**metrics, "nemo_checkpoint": str(target), "layer_spec": config.nemo.layer_spec}
+    nemo_config = type(importer.config).__name__  # read after the import, which sets what the property needs
+    # nemo.config_class names the recipe's full-size model (Llama31Config8B builds 8B parameters): the config is
+    # always the one read from the HF checkpoint, so a smaller model of the family takes the same recipe.
+    ctx.log(f"NeMo config {nemo_config} read from the HF checkpoint"
+            + (f" (nemo.config_class {config.nemo.config_class} is not applied)" if config.nemo.config_class else ""))
+    return {**metrics, "nemo_checkpoint": str(target), "layer_spec": config.nemo.layer_spec,
+            "nemo_config": nemo_config}
