@@ -164,6 +164,9 @@ CASES = {
     "hub id while offline": (lambda d, m: ["--model-name", "qatflow-tests/no-such-model"],
                              "qatflow-tests/no-such-model: a hub id, but HF_HUB_OFFLINE", False,
                              {"HF_HUB_OFFLINE": "1"}),
+    # with the hub out of reach: unreachable; with it: no such model; both refused before anything runs
+    "hub id that does not resolve": (lambda d, m: ["--model-name", "qatflow-tests/no-such-model"],
+                                     "--model-name qatflow-tests/no-such-model: ", False, {}),
     "--hf-tokenizer missing": (lambda d, m: _model_flags(m) + ["--hf-tokenizer", str(d / "no_tokenizer")],
                                "--hf-tokenizer", True, {}),
     "--hf-tokenizer folder without tokenizer": (lambda d, m: _model_flags(m) + ["--hf-tokenizer", str(

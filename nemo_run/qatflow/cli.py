@@ -201,11 +201,12 @@ def main(argv: list[str] | None = None) -> int:
             from qatflow import slurm
 
             return slurm.command(config, status=args.status, logs=args.logs, cancel=args.cancel)
-        input_checks.check_inputs(config, dry_run=args.dry_run)
+        planned = graph.plan(config, force=args.force, from_stage=args.from_stage)
+        pending = {stage.name for stage in planned if stage.status != "done"}
+        input_checks.check_inputs(config, pending, dry_run=args.dry_run)
     except ConfigError as error:
         print_error(error)
         return 2
-    planned = graph.plan(config, force=args.force, from_stage=args.from_stage)
     print(graph.describe(config, planned))
     if args.dry_run:
         from qatflow.memory_plan import plan_for

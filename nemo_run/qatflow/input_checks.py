@@ -31,6 +31,8 @@ BUILTIN_SAMPLE = [{"messages": [
     {"role": "user", "content": "Tell me one fact about honey."},
     {"role": "assistant", "content": "Honey never spoils."},
 ]}]
+# Stages that load the tokenizer and render conversations with the chat template.
+TEMPLATE_STAGES = {"01_import", "02_ptq", "03_train", "05_verify", "06_eval_bf16", "07_eval_ptq", "08_eval_trained"}
 # Pseudo file systems: the kernel's views, where no folder of outputs can be made.
 PSEUDO_ROOTS = (Path("/proc"), Path("/sys"), Path("/dev"))
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -254,11 +256,16 @@ def _check_hub_id(name: str, setting: str) -> None:
 
 
 def _resolve_on_hub(name: str, setting: str) -> None:
-    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    """One HEAD request for the model's config.json: huggingface_hub's own helpers retry for ~25 s and log each
+    attempt, where one answer (or none) is all the check needs."""
+    from huggingface_hub import hf_hub_url
     from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
     try:
-        get_hf_file_metadata(hf_hub_url(name, "config.json"), timeout=10)
+        response = get_session().head(hf_hub_url(name, "config.json"), headers=build_hf_headers(), timeout=10,
+                                      allow_redirects=True)
+        hf_raise_for_status(response)
     except GatedRepoError:
         raise ConfigError(f"{setting} {name}: a gated model; accept its license on huggingface.co and export "
                           f"HF_TOKEN") from None
@@ -444,8 +451,19 @@ def check_files(config: FlowConfig, dry_run: bool = False) -> None:
     check_model_files(config, dry_run=dry_run)
 
 
-def check_inputs(config: FlowConfig, dry_run: bool = False) -> None:
-    """The data in full, then the tokenizer and chat template on a sample of it (a dry run does not ask for the
-    tokenizer files of a folder that has none)."""
-    sample = check_data(config)
-    check_chat_template(config, sample, dry_run=dry_run)
+def check_inputs(config: FlowConfig, pending: set[str], dry_run: bool = False) -> None:
+    """The data in full when 00_data will read it, then the tokenizer and chat template on a sample of it when a
+    stage that tokenizes will run (a dry run does not ask for the tokenizer files of a folder that has none).
+    A rerun whose stages are complete reads nothing again."""
+    if "00_data" in pending:
+        sample = check_data(config)
+    elif pending & TEMPLATE_STAGES:
+        from qatflow.data import DataError
+        from qatflow.tokens import read_split
+
+        try:
+            sample = read_split(config.experiment_dir / "00_data", "train", limit=SAMPLE_SIZE)
+        except DataError as error:
+            raise ConfigError(one_line(str(error))) from None
+    if pending & TEMPLATE_STAGES:
+        check_chat_template(config, sample, dry_run=dry_run)
