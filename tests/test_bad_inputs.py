@@ -152,6 +152,8 @@ CASES = {
                             "model.safetensors: not a safetensors file", False, {}),
     "shard listed in the index missing": (lambda d, m: _model_flags(_missing_shard(m, d)),
                                           "shard model-00002-of-00002.safetensors", False, {}),
+    "model folder without config.json": (lambda d, m: _model_flags(_model_copy(m, d, drop=("config.json",))),
+                                         "model: a folder without config.json", True, {}),
     "config.json not JSON": (lambda d, m: _model_flags(_file(_model_copy(m, d), "config.json",
                                                              "{\"model_type\":").parent),
                              "config.json: not valid JSON", True, {}),

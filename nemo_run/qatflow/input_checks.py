@@ -150,8 +150,13 @@ def check_gguf(path: Path, setting: str) -> None:
 def check_model_folder(folder: Path, weights: bool = True) -> None:
     """config.json parses and names a model type, the weights are there and their headers are whole."""
     config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"--model-name {folder}: a folder without config.json; give a Hugging Face model folder "
+                          f"(as save_pretrained or huggingface-cli download leave it), a hub id or a .gguf file")
     try:
         raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ConfigError(f"--model-name {config_file}: cannot read it ({error.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         detail = f"{error.msg} at line {error.lineno}" if isinstance(error, json.JSONDecodeError) else "not UTF-8"
         raise ConfigError(f"--model-name {config_file}: not valid JSON ({detail}); fix it or download the model "
