@@ -111,23 +111,20 @@ def _is_path_like(name: str) -> bool:
 
 
 def check_model_files(config: FlowConfig, dry_run: bool = False) -> None:
-    """The model named by --model-name, read as far as 01_import reads it without loading weights."""
+    """The local model named by --model-name, read as far as 01_import reads it without loading weights, and a
+    local --hf-tokenizer (hub ids are resolved by check_inputs, which alone may use the network)."""
     name = config.model.name
     if name.startswith(paths.PACKAGE_SCHEME):
         check_gguf(paths.resolve_package_file(name), "--model-name")
-    elif not _is_path_like(name):
-        check_hub_id(name, "--model-name", dry_run)
-    else:
+    elif _is_path_like(name):
         path = Path(name).expanduser()
         if path.is_file() and path.suffix == ".gguf":
             check_gguf(path, "--model-name")
         elif path.is_dir():
             check_model_folder(path, weights=not dry_run)
     tokenizer = config.model.hf_tokenizer
-    if tokenizer:
-        if not _is_path_like(tokenizer):
-            check_hub_id(tokenizer, "--hf-tokenizer", dry_run)
-        elif not Path(tokenizer).expanduser().is_dir():
+    if tokenizer and _is_path_like(tokenizer):
+        if not Path(tokenizer).expanduser().is_dir():
             raise ConfigError(f"--hf-tokenizer {tokenizer}: no such folder; give a tokenizer folder or a hub id")
         elif not has_tokenizer_files(Path(tokenizer).expanduser()):
             raise ConfigError(f"--hf-tokenizer {tokenizer}: no tokenizer files in it (expected one of "
@@ -228,6 +225,13 @@ def _offline() -> bool:
     from huggingface_hub import constants
 
     return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def check_hub_ids(config: FlowConfig, dry_run: bool = False) -> None:
+    """The model and tokenizer named by hub ids, for 01_import."""
+    for name, setting in ((config.model.name, "--model-name"), (config.model.hf_tokenizer, "--hf-tokenizer")):
+        if name and not name.startswith(paths.PACKAGE_SCHEME) and not _is_path_like(name):
+            check_hub_id(name, setting, dry_run)
 
 
 def check_hub_id(name: str, setting: str, dry_run: bool = False) -> None:
@@ -460,6 +464,8 @@ def check_inputs(config: FlowConfig, pending: set[str], dry_run: bool = False) -
     """The data in full when 00_data will read it, then the tokenizer and chat template on a sample of it when a
     stage that tokenizes will run (a dry run does not ask for the tokenizer files of a folder that has none).
     A rerun whose stages are complete reads nothing again."""
+    if "01_import" in pending:
+        check_hub_ids(config, dry_run=dry_run)
     if "00_data" in pending:
         sample = check_data(config)
     elif pending & TEMPLATE_STAGES:
