@@ -17,7 +17,8 @@ import torch
 from qatflow.backends import get_backend
 from qatflow.backends.hf.modeling import DTYPES
 from qatflow.evaluation import score
-from qatflow.export_reload import ExportFormatError, check_export, load_exported_model, served_student
+from qatflow.export_reload import (ExportFormatError, check_export, fp32_accumulating_linears, load_exported_model,
+                                   served_student)
 from qatflow.stages.runner import StageContext
 from qatflow.tokens import read_split, tokenize_split
 
@@ -66,8 +67,9 @@ def differing_tensors(student, exported) -> list[str]:
 def _score(ctx, items, device, model, tokenizer, reference, references) -> dict:
     """The evaluation harness on the held-out split. float32 here only means "no autocast": each model computes
     in its own parameters' dtype (the full-precision reference as 06_eval_bf16 computes it)."""
-    return score(model, items, ctx.config.eval.batch_size, tokenizer.pad_token_id, device, torch.float32,
-                 reference=reference, log=ctx.log, references=references)
+    with fp32_accumulating_linears(device):
+        return score(model, items, ctx.config.eval.batch_size, tokenizer.pad_token_id, device, torch.float32,
+                     reference=reference, log=ctx.log, references=references)
 
 
 def run(ctx: StageContext) -> dict:
