@@ -307,13 +307,22 @@ def check_data(config: FlowConfig) -> list[dict]:
             splits = load_splits(data.path, data.source, data.num_train, data.num_validation, data.seed,
                                  data.system_prompt, data.max_bad_fraction)
     except DataError as error:
-        raise ConfigError(f"--data-path {data.path}: {one_line(str(error))}") from None
+        raise ConfigError(_with_setting("--data-path", data.path, one_line(str(error)))) from None
     if splits.skipped:
         first = skipped_rows.getvalue().splitlines()[1:2]
         print(f"warning: --data-path {data.path}: {splits.skipped} malformed of {splits.rows} rows will be skipped "
               f"(data.max_bad_fraction={data.max_bad_fraction}){'; first: ' + first[0].strip() if first else ''}",
               file=sys.stderr)
     return (splits.train + splits.validation)[:SAMPLE_SIZE]
+
+
+def _with_setting(setting: str, value: str, message: str) -> str:
+    """The message, starting with the setting that names the input (once: data errors start with their file)."""
+    if message.startswith(setting):
+        return message
+    if message.startswith(value):
+        return f"{setting} {message}"
+    return f"{setting} {value}: {message}"
 
 
 # ---------------------------------------------------------------------------------------------- chat template
