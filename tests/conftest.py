@@ -26,11 +26,28 @@ eval: {{num_samples: 16, seq_len: 128, batch_size: 8}}
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from tiny_assets import build_tiny_llama, build_tiny_tokenizer
+    """A random Llama with Llama 3.1's rope (theta, llama3 scaling) and a ChatML tokenizer."""
+    from tiny_assets import LLAMA31_ROPE, build_tiny_llama, build_tiny_tokenizer
 
     target = tmp_path_factory.mktemp("tiny_llama")
-    build_tiny_llama(target, build_tiny_tokenizer())
+    build_tiny_llama(target, build_tiny_tokenizer(), **LLAMA31_ROPE)
     return target
+
+
+@pytest.fixture(scope="session")
+def tiny_llama31(tmp_path_factory) -> Path:
+    """The Llama 3.1 architecture of recipes/llama31_8b_*: llama3 rope scaling, untied embeddings, Llama 3 tokens."""
+    from tiny_assets import build_tiny_llama31
+
+    return build_tiny_llama31(tmp_path_factory.mktemp("tiny_llama31"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory) -> Path:
+    """The Qwen3 architecture of recipes/qwen3_8b_*: q/k norms, head_dim apart from hidden/heads, Qwen3 tokens."""
+    from tiny_assets import build_tiny_qwen3
+
+    return build_tiny_qwen3(tmp_path_factory.mktemp("tiny_qwen3"))
 
 
 @pytest.fixture(scope="session")

@@ -78,6 +78,7 @@ def test_import_reproduces_the_hf_model(nemo_run_dir, tiny_model):
     nemo = _metrics(nemo_run_dir, "06_eval_bf16")
     assert nemo["tokens_all"] == hf["tokens_all"]
     assert nemo["ppl_all"] == pytest.approx(hf["ppl_all"], rel=1e-4)
+    assert _metrics(nemo_run_dir, "01_import")["nemo_config"] == "Llama31Config"  # the tiny model has its rope
 
 
 def test_distillation_trains_and_checkpoint_is_chosen_by_step(nemo_run_dir):
@@ -94,8 +95,11 @@ def test_distillation_trains_and_checkpoint_is_chosen_by_step(nemo_run_dir):
     assert ptq["kl_all"] > 0 and trained["kl_all"] >= 0
 
 
-def test_export_reloads_to_the_trained_student(nemo_run_dir):
+def test_export_reloads_to_the_trained_student(nemo_run_dir, tiny_model):
     checkpoint = nemo_run_dir / "04_export" / "checkpoint"
+    source, exported = (json.loads((folder / "config.json").read_text()) for folder in (tiny_model, checkpoint))
+    for key in ("architectures", "rope_scaling", "rope_theta"):  # Llama 3.1's llama3 rope scaling is kept
+        assert exported[key] == source[key], key
     quant = json.loads((checkpoint / "hf_quant_config.json").read_text())["quantization"]
     assert quant["quant_algo"] == "NVFP4"
     assert (checkpoint / "tokenizer.json").is_file()
