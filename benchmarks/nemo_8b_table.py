@@ -2,7 +2,7 @@
 
     python benchmarks/nemo_8b_table.py RESULTS INPUTS
 
-RESULTS holds qad/, qat/, bf16/ (each stage's manifest.json as <stage>.json), run.log (the script's phase stamps)
+RESULTS holds qad/, qat/, bf16/ (each stage's manifest.json as <stage>.json), run*.log (the script's phase stamps)
 and gpumem.csv (nvidia-smi every 2 s: timestamp, GPU index, MiB used). INPUTS is what llama8b_inputs.py made (the
 tokenizer and conversations give the tokens of a step). Model FLOPs utilization counts 6 x parameters x tokens/s
 for the student (forward and backward) against 989 TFLOP/s of dense bf16 per H200, and the teacher's forward
@@ -43,10 +43,12 @@ def tokens_per_conversation(inputs: Path, seq_len: int) -> float:
 def phase_peaks(results: Path) -> dict[str, list[float]]:
     """Per phase of run.log, the most memory nvidia-smi saw in use on each GPU (GiB)."""
     stamps = []
-    for line in (results / "run.log").read_text().splitlines():
-        match = STAMP.match(line)
-        if match:
-            stamps.append((match[1], match[2]))
+    for log in results.glob("run*.log"):  # run.log, and run1.log ... of earlier launches of a resumed run
+        for line in log.read_text(errors="replace").splitlines():
+            match = STAMP.match(line)
+            if match:
+                stamps.append((match[1], match[2]))
+    stamps.sort()
     peaks: dict[str, list[float]] = {}
     for line in (results / "gpumem.csv").read_text().splitlines():
         parts = [part.strip() for part in line.split(",")]

@@ -76,3 +76,11 @@ def launch_id() -> str | None:
         return (f"slurm:{env['SLURM_JOB_ID']}.{env.get('SLURM_STEP_ID', 'batch')}:"
                 f"{env.get('SLURM_RESTART_COUNT', '0')}")
     return None
+
+
+def barrier() -> None:
+    """Waits for every process of the group, when one is up (a no-op for a single process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

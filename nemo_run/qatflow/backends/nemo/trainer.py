@@ -28,6 +28,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 
+from qatflow import distributed
 from qatflow.backends import TRAIN_LOG
 from qatflow.backends.nemo import runtime
 from qatflow.config import FlowConfig
@@ -273,8 +274,12 @@ def train(ctx: StageContext) -> dict:
               optim=optimizer(config), tokenizer="data")
     if runtime.is_rank_zero() and not by_loss:
         prune_checkpoints(checkpoint_dir, train_cfg.keep_checkpoints)
+    # Every rank reads the work folder once rank 0 has pruned it and before rank 0 commits the stage, which
+    # deletes its checkpoints: a slower rank would otherwise find none left.
+    distributed.barrier()
     chosen = choose_checkpoint(saved_checkpoints(checkpoint_dir), nemo.export_checkpoint)
     optimizer_state = has_optimizer_state(chosen.path)
+    distributed.barrier()
     ctx.log(f"trained student: {chosen.path.name} ({nemo.export_checkpoint}: step {chosen.step}, "
             f"validation loss {chosen.val_loss:.4f})"
             + ("; it holds optimizer state (an intermediate checkpoint)" if optimizer_state else ""))
