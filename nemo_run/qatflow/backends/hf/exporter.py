@@ -73,6 +73,16 @@ def readable_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~mask
 
 
+def _has_quantized_lm_head(target: Path) -> bool:
+    from safetensors import safe_open
+
+    for file in target.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as handle:
+            if "lm_head.weight_scale" in handle.keys():
+                return True
+    return False
+
+
 def finalize_checkpoint(target: Path, dtype: torch.dtype, log=print) -> dict:
     """What both exporters do last, so the checkpoint is what engines load:
 
@@ -85,7 +95,11 @@ def finalize_checkpoint(target: Path, dtype: torch.dtype, log=print) -> dict:
       serving container running as another user could not read model.safetensors;
     - hf_quant_config.json with every key vLLM's ModelOpt loader requires of the nested shape: ModelOpt's
       Megatron exporter leaves `kv_cache_quant_algo` out when the KV cache is not quantized, which vLLM refuses
-      (null is what the HF exporter writes then).
+      (null is what the HF exporter writes then);
+    - `lm_head` in `exclude_modules` (and config.json's `quantization_config.ignore`) whenever it is not
+      quantized: for a model that ties it to the embedding, ModelOpt's Megatron exporter lists only
+      `model.embed_tokens`, and an engine that builds lm_head as its own linear layer (TensorRT-LLM) would then
+      build it quantized. The HF exporter lists it.
     """
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -106,13 +120,19 @@ def finalize_checkpoint(target: Path, dtype: torch.dtype, log=print) -> dict:
     config_path = target / "config.json"
     config = json.loads(config_path.read_text())
     config["dtype"] = config["torch_dtype"] = name
-    config_path.write_text(json.dumps(config, indent=4) + "\n")
     quant_path = target / QUANT_CONFIG
     if quant_path.is_file():
         quant = json.loads(quant_path.read_text())
-        if "quantization" in quant and "kv_cache_quant_algo" not in quant["quantization"]:
-            quant["quantization"]["kv_cache_quant_algo"] = None
-            quant_path.write_text(json.dumps(quant, indent=4) + "\n")
+        quantization = quant.get("quantization", {})
+        quantization.setdefault("kv_cache_quant_algo", None)
+        exclude = quantization.get("exclude_modules")
+        if exclude is not None and "lm_head" not in exclude and not _has_quantized_lm_head(target):
+            exclude.append("lm_head")
+            ignore = config.get("quantization_config", {}).get("ignore")
+            if ignore is not None and "lm_head" not in ignore:
+                ignore.append("lm_head")
+        quant_path.write_text(json.dumps(quant, indent=4) + "\n")
+    config_path.write_text(json.dumps(config, indent=4) + "\n")
     for path in [target, *target.rglob("*")]:
         path.chmod(readable_mode(directory=path.is_dir()))
     log(f"export: unquantized tensors in {name} ({cast} cast), config.json dtype {name}, files readable")
