@@ -63,7 +63,10 @@ def _assert_weights_only_and_no_checkpoints_left(experiment: Path) -> None:
     resumable checkpoint (they hold the optimizer state)."""
     outputs = _manifest(experiment, "03_train")["outputs"]
     assert any(name.endswith(".safetensors") for name in outputs), outputs
-    assert not [name for name in outputs if name.endswith((".pt", ".bin", ".pth")) or "optim" in name], outputs
+    # model/modelopt_state.pth is ModelOpt's quantizer state (what reloads the student), not the optimizer's.
+    assert not [name for name in outputs if "optim" in name], outputs
+    assert {name for name in outputs if name.endswith((".pt", ".bin", ".pth"))} <= {"model/modelopt_state.pth"}, \
+        outputs
     assert not list(experiment.glob(".03_train.work/*/step_*.pt"))
 
 
@@ -95,7 +98,9 @@ def test_kill_during_training_then_resume(tiny_recipe, tmp_path):
         os.kill(pid, signal.SIGKILL)  # as the OOM killer or a lost node would
     kept = sorted(experiment.glob(".03_train.work/*/step_*.pt"))
     steps = [int(path.stem.split("_")[1]) for path in kept]
-    assert len(steps) == 2 and steps[1] - steps[0] == 5 and steps[0] >= 10, steps  # the last 2 of 3 or more
+    # The last 2 of 3 or more; a kill between a new checkpoint landing and the oldest one's removal leaves 3.
+    assert len(steps) in (2, 3) and steps[-1] >= 15, steps
+    assert all(later - earlier == 5 for earlier, later in zip(steps, steps[1:])), steps
     import torch
 
     assert "optimizer" in torch.load(kept[-1], weights_only=False)  # resumable until the stage commits
