@@ -64,6 +64,17 @@ def run_flow(*args: str, cwd: Path = REPO, timeout: int = 900, entry: Path = ENT
                           timeout=timeout)
 
 
+NEMO_CPU_SHIMS = REPO / "tests" / "nemo_cpu"  # stand-ins for NeMo's CUDA-only calls, loaded through PYTHONPATH
+
+
+def run_nemo_cpu(*args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
+    """The entry script on the nemo backend on CPU, with the CUDA stand-ins of tests/nemo_cpu in every process."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "QATFLOW_NEMO_CPU_SHIMS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(NEMO_CPU_SHIMS), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, str(ENTRY), "--backend", "nemo", "--nemo-env", "cpu", *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def processes_mentioning(text: str) -> list[str]:
     """Running processes (other than this one) whose command line contains `text`: what a test left behind."""
     found = []

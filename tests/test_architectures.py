@@ -9,18 +9,14 @@ test_nemo_backend_cpu (its tiny model carries that rope)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import ENTRY, REPO, run_flow
+from conftest import run_flow, run_nemo_cpu
 
 from qatflow import paths
 from qatflow.stages import STAGE_NAMES
 
-SHIMS = REPO / "tests" / "nemo_cpu"
 SCALED = """\
 inherit: {recipe}
 model: {{name: {model}, dtype: float32}}
@@ -41,14 +37,6 @@ def scaled_recipe(folder: Path, recipe: str, model: Path, gpus: int = 1, tensor:
     path = folder / f"{recipe}_tiny.yaml"
     path.write_text(SCALED.format(recipe=recipe, model=model, gpus=gpus, tp=tensor))
     return path
-
-
-def run_nemo_cpu(*args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
-    """The entry script on the nemo backend on CPU, with the CUDA stand-ins of tests/nemo_cpu in every process."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "QATFLOW_NEMO_CPU_SHIMS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(SHIMS), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, str(ENTRY), "--backend", "nemo", "--nemo-env", "cpu", *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def metrics(experiment: Path, stage: str) -> dict:

@@ -5,17 +5,15 @@ tests/nemo_cpu (loaded into every process of the run through PYTHONPATH, never b
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import ENTRY, REPO
+from conftest import NEMO_CPU_SHIMS, REPO, run_nemo_cpu
 
 from qatflow.stages import STAGE_NAMES
 
-SHIMS = REPO / "tests" / "nemo_cpu"
+SHIMS = NEMO_CPU_SHIMS
 NEMO_RECIPE = """\
 inherit: smollm2_135m_qad
 model: {{name: {model}, dtype: float32, chat_template: smollm2}}
@@ -28,13 +26,6 @@ nemo: {{val_check_interval: 3, limit_val_batches: 2}}
 """
 
 
-def run_nemo_flow(*args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "QATFLOW_NEMO_CPU_SHIMS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(SHIMS), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, str(ENTRY), "--backend", "nemo", "--nemo-env", "cpu", *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-
-
 def _metrics(experiment: Path, stage: str) -> dict:
     return json.loads((experiment / stage / "manifest.json").read_text())["metrics"]
 
@@ -44,7 +35,7 @@ def nemo_run_dir(tiny_model, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("nemo_cpu")
     recipe = root / "tiny_nemo_qad.yaml"
     recipe.write_text(NEMO_RECIPE.format(model=tiny_model))
-    result = run_nemo_flow("--recipe", str(recipe), "--log-dir", str(root), "--experiment", "tiny")
+    result = run_nemo_cpu("--recipe", str(recipe), "--log-dir", str(root), "--experiment", "tiny")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return root / "tiny"
 
@@ -111,7 +102,7 @@ def test_export_reloads_to_the_trained_student(nemo_run_dir, tiny_model):
 
 
 def test_rerun_skips_every_stage(nemo_run_dir):
-    result = run_nemo_flow("--recipe", str(nemo_run_dir.parent / "tiny_nemo_qad.yaml"), "--log-dir",
+    result = run_nemo_cpu("--recipe", str(nemo_run_dir.parent / "tiny_nemo_qad.yaml"), "--log-dir",
                            str(nemo_run_dir.parent), "--experiment", "tiny", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "nothing to run" in result.stdout
@@ -123,7 +114,7 @@ def test_tensor_parallel_two_processes(tiny_model, tmp_path):
     student and ships that MLP unquantized."""
     recipe = tmp_path / "tiny_nemo_qad.yaml"
     recipe.write_text(NEMO_RECIPE.format(model=tiny_model))
-    result = run_nemo_flow("--recipe", str(recipe), "--log-dir", str(tmp_path), "--experiment", "tp2",
+    result = run_nemo_cpu("--recipe", str(recipe), "--log-dir", str(tmp_path), "--experiment", "tp2",
                            "--ptq-gpus", "2", "--train-gpus", "2", "--tensor-parallelism", "2",
                            "--set", 'ptq.exclude=["*layers.1.mlp.*"]')
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
