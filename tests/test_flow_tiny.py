@@ -70,15 +70,16 @@ def _assert_weights_only_and_no_checkpoints_left(experiment: Path) -> None:
     assert not list(experiment.glob(".03_train.work/*/step_*.pt"))
 
 
-def _stage_job_pids(stage: str) -> list[int]:
-    """Processes of nemo_run jobs running `stage` (torchx starts each in a session of its own)."""
+def _stage_job_pids(stage: str, experiment: Path) -> list[int]:
+    """Processes of nemo_run jobs running `stage` of `experiment` (torchx starts each in a session of its own);
+    never those of another run on the machine."""
     pids = []
     for proc in Path("/proc").iterdir():
         try:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except (OSError, ValueError):
             continue
-        if "fdl_runner" in cmdline and stage in cmdline:
+        if "fdl_runner" in cmdline and stage in cmdline and str(experiment) in cmdline:
             pids.append(int(proc.name))
     return pids
 
@@ -92,7 +93,7 @@ def test_kill_during_training_then_resume(tiny_recipe, tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline and not list(experiment.glob(".03_train.work/*/step_000015.pt")):
         time.sleep(0.2)
-    pids = _stage_job_pids("03_train")
+    pids = _stage_job_pids("03_train", experiment)
     assert pids, "training never wrote its third checkpoint"
     for pid in pids:
         os.kill(pid, signal.SIGKILL)  # as the OOM killer or a lost node would
