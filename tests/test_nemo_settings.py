@@ -22,7 +22,8 @@ def test_issue_command_prints_devices_nodes_and_parallelism(tmp_path):
     assert "8 device(s) x 1 node(s), TP 2 PP 1 DP 4 SP on" in train
     ptq = next(line for line in out.splitlines() if "nemo Quantizer(nvfp4" in line)
     assert "4 device(s) x 1 node(s), TP 2 PP 1 DP 2 SP on" in ptq
-    assert "NeMo's HF importer of llm.Qwen3Model (Qwen3Config8B)" in out and "Qwen/Qwen3-8B" in out
+    assert "NeMo's HF importer of llm.Qwen3Model (config read from the HF checkpoint; Qwen3Config8B not applied)" \
+        in out and "Qwen/Qwen3-8B" in out
     assert "export_mcore_gpt_to_hf(03_train checkpoint: last)" in out
     assert lines  # every model stage says what it runs
     assert not any(tmp_path.iterdir())
