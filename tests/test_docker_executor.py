@@ -184,6 +184,11 @@ class Daemon:
     private: bool  # started by these tests: its images are kept between sessions, in DATA_ROOT
 
 
+def _mount_points_under(*folders: Path) -> list[str]:
+    points = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+    return [point for point in points if any(point == str(f) or point.startswith(f"{f}/") for f in folders)]
+
+
 @pytest.fixture(scope="session")
 def docker_daemon():
     """The machine's own Docker daemon if one answers; else a private dockerd (root; Debian's docker.io installed if
@@ -233,8 +238,12 @@ def docker_daemon():
             daemon.wait(timeout=30)
         log.close()
         leftovers = processes_mentioning(str(state)) + processes_mentioning(str(data_root))
-        mounts = [line for line in Path("/proc/mounts").read_text().splitlines()
-                  if str(state) in line or str(data_root) in line]
+        if not leftovers:
+            # dockerd bind-mounts its data root onto itself and undoes it on a clean shutdown only; after a kill
+            # (a stop that outlived the wait above) the bind mount is ours to undo.
+            for mount_point in reversed(_mount_points_under(state, data_root)):
+                subprocess.run(["umount", mount_point], capture_output=True)
+        mounts = _mount_points_under(state, data_root)
         if not leftovers and not mounts:
             shutil.rmtree(state, ignore_errors=True)
             if throwaway:
