@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "nemo_run"))
 
 from qatflow.backends.hf.modeling import compute_dtype, device_of, load_tokenizer  # noqa: E402
 from qatflow.backends.nemo import runtime  # noqa: E402
-from qatflow.backends.nemo.scoring import ScoredModel  # noqa: E402
+from qatflow.backends.nemo.scoring import HF_SPLITS, ScoredModel  # noqa: E402
 from qatflow.cli import load_config  # noqa: E402
 from qatflow.evaluation import score  # noqa: E402
 from qatflow.export_reload import load_exported_model  # noqa: E402
@@ -61,12 +61,6 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-# Megatron's fused layers -> the HF layers the export splits them into.
-SPLITS = {"self_attention.linear_qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-          "self_attention.linear_proj": ("self_attn.o_proj",), "mlp.linear_fc1": ("mlp.gate_proj", "mlp.up_proj"),
-          "mlp.linear_fc2": ("mlp.down_proj",)}
-
-
 def key(row: torch.Tensor, unit: torch.Tensor) -> bytes:
     return (row / unit * 1e6).round().to(torch.int64).numpy().tobytes()
 
@@ -86,7 +80,7 @@ def compare_weights(student, exported, export_dir: Path) -> None:
     rows_total = rows_matched = scales_total = scales_matched = 0
     worst = 0.0
     for name, module in core.named_modules():
-        suffix = next((s for s in SPLITS if name.endswith(s)), None)
+        suffix = next((s for s in HF_SPLITS if name.endswith(s)), None)
         if suffix is None or not hasattr(module, "weight_quantizer"):
             continue
         layer = name.split(".")[2]
@@ -95,7 +89,7 @@ def compare_weights(student, exported, export_dir: Path) -> None:
         student_rows = {key(row, unit) for row in fake}
         # The global scale ModelOpt's kernel derives from the student's activation amax.
         student_scale = kernel_global_scale(module.input_quantizer.amax.detach().float().reshape(()).cpu())
-        for hf in SPLITS[suffix]:
+        for hf in HF_SPLITS[suffix]:
             prefix = f"model.layers.{layer}.{hf}"
             weight = exported.get_submodule(prefix).weight.float().cpu()
             rows_total += weight.shape[0]

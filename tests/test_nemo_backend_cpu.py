@@ -96,6 +96,9 @@ def test_export_reloads_to_the_trained_student(nemo_run_dir, tiny_model):
     assert (checkpoint / "tokenizer.json").is_file()
     verify = _metrics(nemo_run_dir, "05_verify")
     assert verify["verified"] and verify["quantized_layers"] == 14  # q, k, v, o, gate, up, down x 2 layers
+    # Failed on: the weights (W4A16, fp32) and every activation scale; the W4A4 comparison is measured.
+    assert verify["w4a16"]["kl_all"] < 1e-6 and verify["w4a16"]["numerics"].startswith("float32 compute of bfloat16 weights W4A16"), verify
+    assert verify["input_scales_equal"] == 14 and "not failed on" in verify["gate"], verify
     assert verify["kl_all"] < 1e-6, verify
     report = (nemo_run_dir / "09_report" / "report.md").read_text()
     assert "| NVFP4 QAD |" in report
@@ -147,3 +150,30 @@ def test_stand_ins_fail_loudly_when_the_library_changes():
 def test_product_never_imports_the_stand_ins():
     for path in (REPO / "nemo_run").rglob("*.py"):
         assert "nemo_cpu_shims" not in path.read_text(), path
+
+
+def test_verify_fails_on_an_activation_scale_or_a_weight_that_is_not_the_students(nemo_run_dir):
+    """Planted in the nemo export (last: it rewrites the fixture's checkpoint): an o_proj input_scale x2, which no
+    loader rule sees (o_proj is fused with nothing), fails on the scale comparison naming the tensor; an o_proj
+    weight_scale_2 x1.5 fails on the weights' KL (tightened: the tiny random model barely depends on one layer)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    layer = "model.layers.1.self_attn.o_proj"
+    checkpoint = nemo_run_dir / "04_export" / "checkpoint"
+    index = json.loads((checkpoint / "model.safetensors.index.json").read_text())["weight_map"]
+    file = checkpoint / index[f"{layer}.input_scale"]
+    with safe_open(str(file), "pt") as handle:
+        metadata, original = handle.metadata(), {name: handle.get_tensor(name) for name in handle.keys()}
+    args = ("--recipe", str(nemo_run_dir.parent / "tiny_nemo_qad.yaml"), "--log-dir", str(nemo_run_dir.parent),
+            "--experiment", "tiny", "--from-stage", "05_verify")
+    for tensor, factor, extra, needle in [
+            ("input_scale", 2.0, (), f"first: {layer}.input_scale = "),
+            ("weight_scale_2", 1.5, ("--set", "verify.max_kl=1e-6"), "W4A16 (NVFP4 weights only), nemo backend")]:
+        planted = dict(original)
+        planted[f"{layer}.{tensor}"] = original[f"{layer}.{tensor}"] * factor
+        save_file(planted, str(file), metadata=metadata)
+        result = run_nemo_cpu(*args, *extra, timeout=600)
+        output = result.stdout + result.stderr
+        assert result.returncode == 1 and needle in output, output[-4000:]
+        assert "05_verify" in output and not (nemo_run_dir / "05_verify" / "manifest.json").exists()

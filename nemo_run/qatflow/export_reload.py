@@ -41,7 +41,7 @@ def read_quant_config(export_dir: Path) -> dict:
     return json.loads(path.read_text()).get("quantization", {})
 
 
-def _load_state(export_dir: Path) -> dict[str, torch.Tensor]:
+def load_state(export_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     state: dict[str, torch.Tensor] = {}
@@ -93,7 +93,7 @@ def check_export(export_dir: Path, served_dtype: torch.dtype) -> dict:
     for key in ("dtype", "torch_dtype"):
         if key in raw_config and raw_config[key] != served:
             raise ExportFormatError(f"config.json: {key} is {raw_config[key]!r}, the export dtype is {served!r}")
-    state = _load_state(export_dir)
+    state = load_state(export_dir)
     quantized = sorted(name[: -len(".weight_scale")] for name in state if name.endswith(".weight_scale"))
     for name, tensor in state.items():
         if tensor.is_floating_point() and tensor.dtype != served_dtype and not name.endswith(SCALE_SUFFIXES) \
@@ -252,7 +252,7 @@ def load_exported_model(export_dir: Path, device: torch.device, dtype: torch.dty
     raw_config.pop("quantization_config", None)  # transformers has no loader for ModelOpt's format
     model_config = AutoConfig.for_model(**raw_config)
     model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
-    state = _load_state(export_dir)
+    state = load_state(export_dir)
     weights: dict[str, torch.Tensor] = {}
     input_scales: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():

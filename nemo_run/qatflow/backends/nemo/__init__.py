@@ -38,4 +38,11 @@ def load_model(stage_dir, config, device):
     return run(stage_dir, config, device)
 
 
-__all__ = ["import_model", "quantize", "train", "export", "load_model", "device_of", "compute_dtype"]
+def student_input_scales(model):
+    from qatflow.backends.nemo.scoring import student_input_scales as run
+
+    return run(model)
+
+
+__all__ = ["import_model", "quantize", "train", "export", "load_model", "student_input_scales", "device_of",
+           "compute_dtype"]

@@ -4,6 +4,7 @@ device (with its quantizers and fp32 parameters: runtime.SCORING_PRECISION), cal
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -37,3 +38,33 @@ def load_model(stage_dir: Path, config: FlowConfig, device: torch.device):
     model.eval()
     tokenizer = load_tokenizer(runtime.tokenizer_dir(stage_dir))
     return ScoredModel(model), tokenizer
+
+
+# Megatron's fused layers -> the HF layers the unified export splits them into (GPT models: Llama, Qwen).
+HF_SPLITS = {"self_attention.linear_qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+             "self_attention.linear_proj": ("self_attn.o_proj",),
+             "mlp.linear_fc1": ("mlp.gate_proj", "mlp.up_proj"),
+             "mlp.linear_fc2": ("mlp.down_proj",)}
+_LAYER = re.compile(r"(?:^|\.)decoder\.layers\.(\d+)\.(.+)$")
+
+
+def student_input_scales(model: ScoredModel) -> dict[str, torch.Tensor]:
+    """The NVFP4 global scale each quantized layer's activation quantizer computes with (ModelOpt's kernel:
+    amax times the fp32 reciprocal of 6 * 448), under the HF name of every layer the export writes it to."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+    from nemo.utils.model_utils import unwrap_model
+
+    from qatflow.nvfp4_cpu import kernel_global_scale
+
+    scales: dict[str, torch.Tensor] = {}
+    for name, module in unwrap_model(model.nemo_model.module).named_modules():
+        quantizer = getattr(module, "input_quantizer", None)
+        match = _LAYER.search(name)
+        if not isinstance(quantizer, TensorQuantizer) or not quantizer.is_enabled or match is None:
+            continue
+        layer, suffix = match.groups()
+        if suffix not in HF_SPLITS:
+            raise ValueError(f"no Hugging Face name for the quantized Megatron layer {name}")
+        for hf_name in HF_SPLITS[suffix]:
+            scales[f"model.layers.{layer}.{hf_name}"] = kernel_global_scale(quantizer.amax)
+    return scales
