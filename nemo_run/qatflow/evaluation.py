@@ -37,6 +37,8 @@ def score(model, items: list[TokenizedConversation], batch_size: int, pad_id: in
     counts = {"assistant": 0, "all": 0}
     started = time.time()
     total = len(items)
+    # Conversations of similar length share a batch: less padding computed, the same sums.
+    items = sorted(items, key=lambda item: len(item.input_ids))
     for index, batch in enumerate(batches(items, batch_size, pad_id)):
         batch = batch.to(device)
         logprobs = F.log_softmax(_logits(model, batch, dtype), dim=-1)

@@ -7,6 +7,7 @@ A backend module provides:
     train(ctx) -> metrics            03_train:  trained student in ctx.out_dir/model, train_log.jsonl
     export(ctx) -> metrics           04_export: unified HF checkpoint in ctx.out_dir/checkpoint
     load_model(stage_dir, config, device) -> (torch module returning logits, tokenizer)
+    scoring_forwards(*models) -> context in which those models compute faster for scoring, with the same outputs
 """
 
 from __future__ import annotations

@@ -34,7 +34,8 @@ def run(ctx: StageContext) -> dict:
     if model_stage != "01_import":
         reference, _ = backend.load_model(ctx.inputs["01_import"], config, device)
     ctx.log(f"scoring {model_stage} on {device}")
-    metrics = score_held_out(ctx, backend, model, tokenizer, reference)
+    with backend.scoring_forwards(model, reference):
+        metrics = score_held_out(ctx, backend, model, tokenizer, reference)
     ctx.log(f"ppl assistant {metrics['ppl_assistant']:.3f} all {metrics['ppl_all']:.3f} "
             f"KL assistant {metrics['kl_assistant']:.4f} all {metrics['kl_all']:.4f}")
     return {"model_stage": model_stage, **metrics}

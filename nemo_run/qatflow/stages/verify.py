@@ -104,7 +104,8 @@ def differing_tensors(student, exported) -> list[str]:
 def _score(ctx, items, device, model, tokenizer, reference, references) -> dict:
     """The evaluation harness on the held-out split. float32 here only means "no autocast": each model computes
     in its own parameters' dtype (the full-precision reference as 06_eval_bf16 computes it)."""
-    with fp32_accumulating_linears(device):
+    backend = get_backend(ctx.config.run.backend)
+    with fp32_accumulating_linears(device), backend.scoring_forwards(model, reference, *(references or {}).values()):
         return score(model, items, ctx.config.eval.batch_size, tokenizer.pad_token_id, device, torch.float32,
                      reference=reference, log=ctx.log, references=references)
 

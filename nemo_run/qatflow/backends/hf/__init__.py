@@ -6,6 +6,7 @@ import torch
 
 from qatflow.backends.hf.exporter import export
 from qatflow.backends.hf.importer import import_model
+from qatflow.backends.hf.lean_quant import lean_scoring as scoring_forwards
 from qatflow.backends.hf.modeling import compute_dtype, device_of, load_tokenizer, stage_model_dir
 from qatflow.backends.hf.modeling import load_model as _load_model
 from qatflow.backends.hf.quantize import quantize
@@ -22,4 +23,5 @@ def load_model(stage_dir: Path, config: FlowConfig, device: torch.device):
     return model, load_tokenizer(model_dir)
 
 
-__all__ = ["import_model", "quantize", "train", "export", "load_model", "device_of", "compute_dtype"]
+__all__ = ["import_model", "quantize", "train", "export", "load_model", "scoring_forwards", "device_of",
+           "compute_dtype"]

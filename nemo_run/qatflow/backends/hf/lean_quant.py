@@ -244,10 +244,12 @@ def _original_forward(module: torch.nn.Module):
 
 
 @contextlib.contextmanager
-def lean_fake_quant(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> Iterator[LeanPlan]:
+def lean_fake_quant(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    cache_weights: bool = False) -> Iterator[LeanPlan]:
     """Within the context, NVFP4 Linears and quantizer-free ModelOpt modules of `model` run lean forwards. With
     `optimizer` (the one that updates `model`), quantized weights are cached and remade after each of its steps;
-    without it, every forward quantizes them."""
+    with `cache_weights` (a model that is only evaluated), cached until a weight changes in place; otherwise every
+    forward quantizes them."""
     from modelopt.torch.quantization.nn import QuantModule, TensorQuantizer
 
     plan = LeanPlan()
@@ -274,7 +276,7 @@ def lean_fake_quant(model: torch.nn.Module, optimizer: torch.optim.Optimizer | N
                     cache.members += 1
                 weight = module._parameters["weight"]
                 w_cache = None
-                if w_amax is not None and optimizer is not None:
+                if w_amax is not None and (optimizer is not None or cache_weights):
                     w_cache = _CachedWeight(weight, w_amax)
                     plan.weights.append(w_cache)
                 module.__dict__["forward"] = _linear_forward(weight, module._parameters.get("bias"), in_amax,
@@ -297,7 +299,8 @@ def lean_fake_quant(model: torch.nn.Module, optimizer: torch.optim.Optimizer | N
             patched.append(module)
     plan.caches = list(groups.values())
     plan.shared_groups = sum(1 for cache in plan.caches if cache.members > 1)
-    hook = optimizer.register_step_post_hook(lambda *_: plan.refresh_weights()) if plan.weights else None
+    hook = (optimizer.register_step_post_hook(lambda *_: plan.refresh_weights())
+            if plan.weights and optimizer is not None else None)
     try:
         yield plan
     finally:
@@ -309,3 +312,15 @@ def lean_fake_quant(model: torch.nn.Module, optimizer: torch.optim.Optimizer | N
             cache.clear()
         for weight in plan.weights:
             weight.value = None
+
+
+@contextlib.contextmanager
+def lean_scoring(*models: torch.nn.Module) -> Iterator[None]:
+    """Lean forwards for models that are only scored: NVFP4 weights quantized once, inputs that sibling Linears
+    share quantized once, the same kernel as ModelOpt's forward, so the same outputs. Models without ModelOpt
+    modules pass through unchanged."""
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            if model is not None:
+                stack.enter_context(lean_fake_quant(model, cache_weights=True))
+        yield

@@ -5,6 +5,8 @@ Stage implementations import NeMo lazily: settings, `--dry-run` and the checks b
 
 from __future__ import annotations
 
+import contextlib
+
 from qatflow.backends.hf.modeling import compute_dtype, device_of
 
 
@@ -38,11 +40,16 @@ def load_model(stage_dir, config, device):
     return run(stage_dir, config, device)
 
 
+def scoring_forwards(*models):
+    """Megatron models score through their own forwards."""
+    return contextlib.nullcontext()
+
+
 def student_input_scales(model):
     from qatflow.backends.nemo.scoring import student_input_scales as run
 
     return run(model)
 
 
-__all__ = ["import_model", "quantize", "train", "export", "load_model", "student_input_scales", "device_of",
-           "compute_dtype"]
+__all__ = ["import_model", "quantize", "train", "export", "load_model", "scoring_forwards", "student_input_scales",
+           "device_of", "compute_dtype"]
