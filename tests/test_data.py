@@ -219,3 +219,20 @@ def test_not_enough_data(tmp_path: Path) -> None:
     assert "10 conversations, but 13 were asked for" in message and "data.num_train" in message
     with pytest.raises(DataError, match="no such file or folder"):
         load_splits(str(tmp_path / "absent.jsonl"), "chitchat", 1, 1, seed=0, system_prompt=None)
+
+
+def test_written_files_get_the_umask_mode_like_any_other(tmp_path):
+    """A stage's JSONL is read by other users' containers: not the 0600 of a private temporary file."""
+    import os
+    import stat
+
+    from qatflow.data import write_jsonl
+
+    previous = os.umask(0o022)
+    try:
+        write_jsonl(tmp_path / "train.jsonl", [{"messages": []}])
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(previous)
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in tmp_path.iterdir()}
+    assert modes == {"train.jsonl": 0o644, "plain.txt": 0o644}, modes

@@ -14,7 +14,7 @@ import json
 import os
 import random
 import sys
-import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -371,12 +371,13 @@ def read_jsonl_conversations(path: Path, max_bad_fraction: float = DEFAULT_MAX_B
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
-    """Writes one JSON object per line atomically: a reader never sees a half-written file."""
+    """Writes one JSON object per line atomically: a reader never sees a half-written file. The file gets the
+    umask's mode like any other (tempfile.mkstemp would make it 0600: unreadable to a container of another user)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    temp_name = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
+        with open(temp_name, "x", encoding="utf-8") as out:
             for record in records:
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
         os.replace(temp_name, path)
