@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from qatflow import distributed
 from qatflow.backends.hf.exporter import CHECKPOINT_SUBDIR, bake_quantized_weights, export_metrics, finalize_checkpoint
 from qatflow.backends.hf.modeling import DTYPES, load_tokenizer
 from qatflow.backends.nemo import runtime
@@ -41,9 +42,7 @@ def export(ctx: StageContext) -> dict:
                                export_dir=str(target))
     load_tokenizer(hf_template).save_pretrained(target)  # tokenizer and chat template ship with the weights
     # fp32 restored embedding and norms -> the export dtype, config.json dtype, readable files: once, on rank 0.
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if not distributed or torch.distributed.get_rank() == 0:
+    if distributed.is_rank_zero():
         finalize_checkpoint(target, dtype, ctx.log)
-    if distributed:
-        torch.distributed.barrier()
+    distributed.barrier()
     return export_metrics(ctx, target, baked)
