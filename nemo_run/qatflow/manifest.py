@@ -3,7 +3,9 @@
 A stage writes into `<experiment>/.<stage>.partial-<id>/`, writes `manifest.json` last, then renames the folder
 to `<experiment>/<stage>/`. A folder is taken as done only when its manifest exists, carries the expected
 fingerprint and every output it lists is on disk with its recorded size. A killed stage leaves a `.partial`
-folder that the next run deletes. Long stages keep resumable state in `<experiment>/.<stage>.work/`.
+folder that the next run deletes. Long stages keep resumable state in `<experiment>/.<stage>.work/`. Only one
+attempt of a stage runs at a time (its lock, `<experiment>/.<stage>.lock`: qatflow.lifecycle), so the partial folders
+that an attempt finds are never another live attempt's.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qatflow import distributed
+from qatflow import distributed, lifecycle
 from qatflow.config import FlowConfig
 from qatflow.manifest import StageOutput, is_complete, read_manifest
 from qatflow.stages import BY_NAME, fingerprints
@@ -56,8 +56,20 @@ def load_secrets() -> list[str]:
 
 def run_stage(stage: str, config_yaml: str) -> None:
     """The function each nemo_run task calls."""
+    lifecycle.follow_driver(stage)  # first: the stage of a run that is gone never starts
     secrets = load_secrets()
     config = FlowConfig.from_yaml(config_yaml)
+    rank, world_size = distributed.rank(), distributed.world_size()
+    # One attempt at a time, taken before anything is looked at: a second run would delete this one's partial
+    # folder (begin) or commit beside it. The kernel drops it when this process dies.
+    lock = lifecycle.hold(config.experiment_dir, stage, rank)
+    try:
+        _run_stage(stage, config, secrets, rank, world_size)
+    finally:
+        lock.release()
+
+
+def _run_stage(stage: str, config: FlowConfig, secrets: list[str], rank: int, world_size: int) -> None:
     spec = BY_NAME[stage]
     prints = fingerprints(config)
     output = StageOutput(config.experiment_dir, stage, prints[stage])
@@ -74,7 +86,6 @@ def run_stage(stage: str, config_yaml: str) -> None:
         inputs[dep] = dep_dir
     # Several processes (torchrun or srun tasks, one per GPU) run a multi-GPU stage: they share its partial folder,
     # and rank 0 alone writes the manifest, once the stage's own collectives have every rank's files on disk.
-    rank, world_size = distributed.rank(), distributed.world_size()
     partial = output.begin(rank, world_size)
     ctx = StageContext(config=config, stage=stage, out_dir=partial, final_dir=output.final_dir,
                        work_dir=output.work_dir, inputs=inputs)
