@@ -7,6 +7,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from qatflow import lifecycle
 from qatflow.config import FlowConfig
 from qatflow.manifest import StageOutput, is_complete
 from qatflow.stages import BY_NAME, STAGE_NAMES, STAGES, downstream_of, fingerprints
@@ -69,8 +70,9 @@ def make_executor(config: FlowConfig, resources: str, stage: str = ""):
     if config.run.executor == "local":
         tasks = local_tasks(config, stage)
         # Several GPUs: one process each, started by torchrun (NeMo's strategy reads its ranks from there).
+        # The stage follows this process: it ends when the CLI does, however the CLI ends.
         return run.LocalExecutor(ntasks_per_node=tasks, launcher="torchrun" if tasks > 1 else None,
-                                 env_vars=dict(JOB_ENV))
+                                 env_vars={**JOB_ENV, **lifecycle.driver_env()})
     if config.run.executor == "slurm":
         from qatflow import slurm
 
@@ -139,7 +141,9 @@ def open_experiment(config: FlowConfig):
 
 
 def check_executor(config: FlowConfig, planned: list[PlannedStage]) -> None:
-    """Checks the executor's side (a cluster's partitions, account, GPUs) before anything is queued."""
+    """Checks the executor's side (a cluster's partitions, account, GPUs) before anything is queued, and that no
+    stage this run would start is running in another run of the experiment (before --force forgets any result)."""
+    lifecycle.check_free(config.experiment_dir, [stage.name for stage in planned if stage.status != "done"])
     if config.run.executor == "slurm":
         from qatflow import slurm
 
@@ -172,7 +176,8 @@ def run_experiment(config: FlowConfig, planned: list[PlannedStage]) -> list[str]
         from qatflow import docker
 
         return docker.run_stages(config, planned, add_tasks, open_experiment)
-    with open_experiment(config) as experiment:
+    # Ctrl-C, SIGTERM or SIGHUP stop the running stage (which nemo_run started in a session of its own) and exit.
+    with lifecycle.stop_on_signals(STAGE_NAMES), open_experiment(config) as experiment:
         add_tasks(experiment, config, planned)
         experiment.run(detach=False, tail_logs=True)
     prints = fingerprints(config)
