@@ -1,16 +1,13 @@
-"""The real flow end to end on a tiny random Llama: every stage through nemo_run, then resume after kill -9."""
+"""The real flow end to end on a tiny random Llama: every stage through nemo_run, then a rerun that skips them all
+(kills and resumes: test_stage_lifecycle)."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from conftest import ENTRY, REPO, run_flow
+from conftest import run_flow
 
 from qatflow.stages import STAGE_NAMES
 
@@ -68,59 +65,6 @@ def _assert_weights_only_and_no_checkpoints_left(experiment: Path) -> None:
     assert {name for name in outputs if name.endswith((".pt", ".bin", ".pth"))} <= {"model/modelopt_state.pth"}, \
         outputs
     assert not list(experiment.glob(".03_train.work/*/step_*.pt"))
-
-
-def _stage_job_pids(stage: str, experiment: Path) -> list[int]:
-    """Processes of nemo_run jobs running `stage` of `experiment` (torchx starts each in a session of its own);
-    never those of another run on the machine."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except (OSError, ValueError):
-            continue
-        if "fdl_runner" in cmdline and stage in cmdline and str(experiment) in cmdline:
-            pids.append(int(proc.name))
-    return pids
-
-
-def test_kill_during_training_then_resume(tiny_recipe, tmp_path):
-    args = ["--recipe", str(tiny_recipe), "--log-dir", str(tmp_path), "--experiment", "killed",
-            "--set", "train.steps=400", "--set", "train.checkpoint_every=5", "--set", "train.keep_checkpoints=2"]
-    experiment = tmp_path / "killed"
-    driver = subprocess.Popen([sys.executable, str(ENTRY), *args], cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and not list(experiment.glob(".03_train.work/*/step_000015.pt")):
-        time.sleep(0.2)
-    pids = _stage_job_pids("03_train", experiment)
-    assert pids, "training never wrote its third checkpoint"
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)  # as the OOM killer or a lost node would
-    kept = sorted(experiment.glob(".03_train.work/*/step_*.pt"))
-    steps = [int(path.stem.split("_")[1]) for path in kept]
-    # The last 2 of 3 or more; a kill between a new checkpoint landing and the oldest one's removal leaves 3.
-    assert len(steps) in (2, 3) and steps[-1] >= 15, steps
-    assert all(later - earlier == 5 for earlier, later in zip(steps, steps[1:])), steps
-    import torch
-
-    assert "optimizer" in torch.load(kept[-1], weights_only=False)  # resumable until the stage commits
-    output, _ = driver.communicate(timeout=300)
-    assert driver.returncode == 1, output[-3000:]
-    assert "stages without a complete result: 03_train" in output
-    assert not (experiment / "03_train").exists()  # nothing a rerun could take as done
-    earlier = {stage: _manifest(experiment, stage)["timings"] for stage in ("00_data", "01_import", "02_ptq")}
-
-    result = run_flow(*args)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for stage, timings in earlier.items():
-        assert _manifest(experiment, stage)["timings"] == timings  # skipped, not redone
-    train = _manifest(experiment, "03_train")["metrics"]
-    assert train["resumed_from_step"] >= 5 and train["steps"] == 400
-    history = (experiment / "03_train" / "train_log.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in history] == list(range(1, 401))
-    assert not list(experiment.glob(".*.partial-*"))
-    _assert_weights_only_and_no_checkpoints_left(experiment)
 
 
 def test_excluded_layers_stay_full_precision_through_export(tiny_recipe, tmp_path):
