@@ -140,3 +140,29 @@ def test_no_rank_leaves_a_multi_process_stage_before_it_is_committed(tmp_path):
         committed = json.loads((tmp_path / "02_ptq" / MANIFEST).read_text())["timings"]["finished"]
         assert finished_at[1] >= committed > started_at[1] + 1.0  # without the wait rank 1 returns at once
     assert sorted(json.loads((tmp_path / "02_ptq" / MANIFEST).read_text())["outputs"]) == ["rank0.bin", "rank1.bin"]
+
+
+def test_a_full_disk_fails_the_stage_in_one_line_and_leaves_no_partial_folder(tiny_recipe, tmp_path):
+    """00_data on a real 16 KB tmpfs: the stage fails with one line that names the folder, what is free and what
+    it had written, and its partial folder is gone (its space is what the user needs back)."""
+    import os
+    import subprocess
+
+    from qatflow.stages.runner import DiskFullError, run_stage
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(small)], check=True)
+    try:
+        config, _ = cli.load_config(["--recipe", str(tiny_recipe), "--log-dir", str(small), "--experiment", "full"])
+        with pytest.raises(DiskFullError) as error:
+            run_stage("00_data", config.to_yaml())
+        message = str(error.value)
+        assert "\n" not in message and message.startswith("[Errno 28] 00_data: no space left on the disk of "), message
+        assert str(config.experiment_dir) in message and "GB free of" in message and "--log-dir" in message, message
+        left = sorted(path.name for path in config.experiment_dir.iterdir())
+        assert left == [".00_data.lock", ".00_data.work"], left  # no partial folder, no 00_data
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=True)

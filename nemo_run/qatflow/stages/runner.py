@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +56,27 @@ def load_secrets() -> list[str]:
     return names
 
 
+class DiskFullError(OSError):
+    """The stage's disk filled up; the message names the folder, what is free and what the stage had written."""
+
+
+def _size(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file()) if folder.is_dir() else 0
+
+
+def disk_full(ctx: StageContext, error: OSError) -> DiskFullError:
+    """One line for a full disk. The partial folder goes at once (it is never taken as complete, and its space is
+    what the user needs back); the work folder stays, since a rerun resumes from it."""
+    written = _size(ctx.out_dir) + _size(ctx.work_dir)
+    shutil.rmtree(ctx.out_dir, ignore_errors=True)
+    folder = ctx.final_dir.parent
+    usage = shutil.disk_usage(folder)
+    return DiskFullError(error.errno, f"{ctx.stage}: no space left on the disk of {folder} "
+                         f"({usage.free / 1e9:.2f} GB free of {usage.total / 1e9:.2f} GB) after the stage had written "
+                         f"{written / 1e9:.2f} GB; free more than that, or point --log-dir at a larger disk, then run "
+                         f"the same command again (finished stages are kept)")
+
+
 def run_stage(stage: str, config_yaml: str) -> None:
     """The function each nemo_run task calls."""
     lifecycle.follow_driver(stage)  # first: the stage of a run that is gone never starts
@@ -96,6 +119,10 @@ def _run_stage(stage: str, config: FlowConfig, secrets: list[str], rank: int, wo
     try:
         metrics: dict[str, Any] = module.run(ctx) or {}
     except BaseException as error:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            full = disk_full(ctx, error)
+            output.fail(full)
+            raise full from error
         output.fail(error)  # rank 0: the waiting ranks stop now, with this error, instead of waiting on
         raise
     if rank != 0:
