@@ -1,10 +1,11 @@
 """Every shipped recipe's architecture runs the whole flow: each recipe of recipes/, with its own settings scaled
-down by a recipe that inherits it, through the entry script on a tiny random model of the architecture it names
+down by a recipe that inherits it, on a tiny random model of the architecture it names
 (Llama 3.1: llama3 rope scaling, untied embeddings; Qwen3: q/k norms, head_dim apart from hidden / heads), with
 the chat template the recipe ships: llama31_8b_qad and qwen3_8b_qat on the hf backend, qwen3_8b_qad on its own
 nemo backend (llama31_8b_qat differs from llama31_8b_qad only in what qwen3_8b_qat runs). The embedded SmolLM2
 recipes run in test_flow_tiny / test_flow_embedded, and Llama 3.1's rope on the nemo backend in
-test_nemo_backend_cpu (its tiny model carries that rope)."""
+test_nemo_backend_cpu (its tiny model carries that rope). The hf flows run each stage as its nemo_run task does,
+in this process (one import of the stack instead of one per stage: test_flow_tiny covers the entry script)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_flow, run_nemo_cpu
+from conftest import run_nemo_cpu
 
 from qatflow import paths
 from qatflow.stages import STAGE_NAMES
@@ -102,22 +103,31 @@ def test_dry_run_of_each_shipped_recipe_needs_no_hub(recipe, tmp_path, monkeypat
     assert not tmp_path.exists() or not any(tmp_path.iterdir())  # planned, nothing written
 
 
+def run_stages_in_process(*argv: str) -> Path:
+    """Every stage of the flow, each as the stage runner runs it inside its nemo_run task; returns the experiment."""
+    from qatflow import cli
+    from qatflow.stages.runner import run_stage
+
+    config, _ = cli.load_config(list(argv))
+    for stage in STAGE_NAMES:
+        run_stage(stage, config.to_yaml())
+    return config.experiment_dir
+
+
 def test_llama31_recipe_on_the_hf_backend(tiny_llama31, tmp_path):
     """llama31_8b_qad on a tiny Llama 3.1: LlamaForCausalLM with llama3 rope scaling and untied embeddings, the
     recipe's llama3 template rendered with the Llama 3 special tokens."""
     recipe = scaled_recipe(tmp_path, "llama31_8b_qad", tiny_llama31)
-    result = run_flow("--backend", "hf", "--recipe", str(recipe), "--log-dir", str(tmp_path), "--experiment", "l31")
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    experiment = tmp_path / "l31"
+    experiment = run_stages_in_process("--backend", "hf", "--recipe", str(recipe), "--log-dir", str(tmp_path),
+                                       "--experiment", "l31")
     check_flow(experiment, tiny_llama31, "llama3", "qad", experiment / "01_import" / "model")
 
 
 def test_qwen3_qat_recipe_on_the_hf_backend(tiny_qwen3, tmp_path):
     """qwen3_8b_qat on a tiny Qwen3 (QAD of Qwen3 runs on the nemo backend below, QAD on the hf backend above)."""
     recipe = scaled_recipe(tmp_path, "qwen3_8b_qat", tiny_qwen3)
-    result = run_flow("--backend", "hf", "--recipe", str(recipe), "--log-dir", str(tmp_path), "--experiment", "q3")
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    experiment = tmp_path / "q3"
+    experiment = run_stages_in_process("--backend", "hf", "--recipe", str(recipe), "--log-dir", str(tmp_path),
+                                       "--experiment", "q3")
     check_flow(experiment, tiny_qwen3, "qwen3", "qat", experiment / "01_import" / "model")
 
 
