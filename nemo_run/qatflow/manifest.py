@@ -87,6 +87,14 @@ class StageOutput:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def remove_other_work(self) -> None:
+        """Resumable work of other settings (an earlier fingerprint of this stage) can never be resumed by this run
+        and may hold checkpoints of tens of GB: it goes when this stage starts."""
+        for other in (self.experiment_dir / f".{self.stage}.work").glob("*"):
+            if other.name != self.fingerprint:
+                print(f"[{self.stage}] removing resumable work of earlier settings: {other}", flush=True)
+                shutil.rmtree(other, ignore_errors=True)
+
     def is_complete(self) -> bool:
         return is_complete(self.final_dir, self.fingerprint)
 
@@ -101,6 +109,7 @@ class StageOutput:
             self.experiment_dir.mkdir(parents=True, exist_ok=True)
             for stale in self.experiment_dir.glob(f".{self.stage}.partial-*"):
                 shutil.rmtree(stale, ignore_errors=True)
+            self.remove_other_work()
             self.partial_dir.mkdir()
             if world_size > 1:
                 self._record = RankZeroRecord.start(self.partial_dir)

@@ -5,10 +5,13 @@ Names are stable and zero-padded; the order below is the order a local run execu
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from qatflow import paths
 from qatflow.config import FlowConfig
 
 
@@ -49,25 +52,73 @@ BY_NAME = {spec.name: spec for spec in STAGES}
 STAGE_NAMES = tuple(BY_NAME)
 
 
+# Settings that change how a stage runs or what it prints, not its result: changing them reruns nothing.
+NOT_INPUTS = frozenset({"train.log_every", "train.checkpoint_every", "train.keep_checkpoints"})
+# The nemo section's settings that change a stage's result, by stage (the hf backend reads none of them). The rest
+# decide where and how fast it runs (parallelism, asynchronous saves, the distributed optimizer) or are labels.
+NEMO_INPUTS = {
+    "01_import": ("model_class",),
+    "02_ptq": ("precision", "layer_spec", "fusions"),
+    "03_train": ("precision", "layer_spec", "fusions", "val_check_interval", "limit_val_batches"),
+    "04_export": ("export_checkpoint",),
+}
+# Files up to this size are fingerprinted by their contents (configs, tokenizers, templates, small models); larger
+# ones (weights, large data) by size and modification time, which any edit changes, so that a 16 GB model is not
+# read on every launch.
+CONTENT_DIGEST_MAX_BYTES = 64 << 20
+
+
 def fingerprints(config: FlowConfig) -> dict[str, str]:
-    """Each stage's fingerprint: its settings and, transitively, those of every stage it reads."""
+    """Each stage's fingerprint: the settings and files its result depends on and, transitively, the fingerprints
+    of every stage it reads; nothing else."""
     found: dict[str, str] = {}
     for spec in STAGES:  # listed in dependency order
-        parts = [spec.name, config.section_hash(*spec.sections) if spec.sections else ""]
+        parts = [spec.name, json.dumps(stage_settings(config, spec.name), sort_keys=True)]
         parts += [found[dep] for dep in spec.depends]
-        parts += _file_digests(config, spec.name)
+        parts += [file_digest(name, path) for name, path in named_files(config, spec.name)]
         found[spec.name] = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
     return found
 
 
-def _file_digests(config: FlowConfig, stage: str) -> list[str]:
-    """Files named by the settings are part of a result too: an edited template or data file redoes the work."""
-    named = {"00_data": config.data.path, "01_import": config.model.chat_template}.get(stage)
-    if not named or not Path(named).exists():
-        return []
-    files = sorted(p for p in Path(named).rglob("*") if p.is_file()) if Path(named).is_dir() else [Path(named)]
-    # Size and modification time: cheap for large data, and any edit changes them.
-    return [f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
+def stage_settings(config: FlowConfig, stage: str) -> dict:
+    """The settings one stage's result depends on: its sections less NOT_INPUTS, and the nemo settings it reads."""
+    tree = dataclasses.asdict(config)
+    picked: dict = {}
+    for section in BY_NAME[stage].sections:
+        value = tree
+        for part in section.split("."):
+            value = value[part]
+        if isinstance(value, dict):
+            value = {key: item for key, item in value.items() if f"{section}.{key}" not in NOT_INPUTS}
+        picked[section] = value
+    if config.run.backend == "nemo" and stage in NEMO_INPUTS:
+        picked["nemo"] = {key: tree["nemo"][key] for key in NEMO_INPUTS[stage]}
+    return picked
+
+
+def named_files(config: FlowConfig, stage: str) -> list[tuple[str, Path]]:
+    """Files on disk that settings name, by the stage that reads them, each with its name inside what the setting
+    names: an edited data file, template, local model folder or tokenizer folder redoes the work from that stage
+    on. A model shipped in a Python package (pkg://) is not read: it changes only with the package."""
+    named = {"00_data": [config.data.path],
+             "01_import": [config.model.name, config.model.hf_tokenizer, config.model.chat_template]}.get(stage, [])
+    files: list[tuple[str, Path]] = []
+    for value in named:
+        root = Path(value) if value and not value.startswith(paths.PACKAGE_SCHEME) else None
+        if root is None or not root.exists():
+            continue  # a hub id, or not there (the input checks say so before anything runs)
+        if root.is_dir():
+            files += [(str(p.relative_to(root)), p) for p in sorted(root.rglob("*")) if p.is_file()]
+        else:
+            files.append((root.name, root))
+    return files
+
+
+def file_digest(name: str, path: Path) -> str:
+    stat = path.stat()
+    if stat.st_size <= CONTENT_DIGEST_MAX_BYTES:
+        return f"{name}:{hashlib.sha256(path.read_bytes()).hexdigest()}"
+    return f"{name}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def downstream_of(stage: str) -> list[str]:
