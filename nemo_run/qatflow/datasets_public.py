@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from qatflow.data import (DataError, Layout, Part, _openai_messages, _sharegpt_messages, dataset_dict_parts,
-                          finish_record, local_parts)
+from qatflow.chat_rows import (DataError, Layout, Part, _openai_messages, _sharegpt_messages, dataset_dict_parts,
+                               finish_record, local_parts)
 
 
 def _text(row: dict, column: str) -> str:

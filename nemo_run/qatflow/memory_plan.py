@@ -54,6 +54,7 @@ from pathlib import Path
 
 from qatflow import paths
 from qatflow.config import ConfigError, FlowConfig
+from qatflow.model_shape import model_shape, shape_from_hf_config
 
 GB = 2 ** 30
 # A stage fits when its estimate is at most this share of run.gpu_memory_gb: the CUDA context, NCCL buffers and
@@ -196,8 +197,6 @@ def _cached_hub_config(name: str) -> dict | None:
 
 def load_shape(name: str) -> ModelShape | None:
     """The shape of a local HF folder, a GGUF file, or a hub id whose config is cached; None when unknown."""
-    from qatflow.preflight import model_shape, shape_from_hf_config
-
     path = _local_path(name)
     fields = model_shape(str(path)) if path.exists() else None
     if fields is None and not path.exists():
