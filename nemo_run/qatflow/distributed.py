@@ -84,3 +84,12 @@ def barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def resolve_device(requested: str) -> str:
+    """The device this process computes on: `auto` is the GPU where there is one."""
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested

@@ -7,20 +7,13 @@ import os
 from pathlib import Path
 
 from qatflow import paths
+from qatflow.distributed import resolve_device
 from qatflow.model_shape import model_shape
 from qatflow.config import ConfigError, FlowConfig
 
 # Formats whose fake quantization runs on CPU tensors (ModelOpt's own kernels for the others are CUDA-only).
 CPU_ALGORITHMS = ("nvfp4", "no_quant")
 VERIFIED_ALGORITHMS = ("nvfp4", "no_quant")  # the exports 05_verify computes as served (qatflow.export_reload)
-
-
-def resolve_device(requested: str) -> str:
-    import torch
-
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return requested
 
 
 def check_model_parallel_split(config: FlowConfig, model_path: Path) -> None:

@@ -4,7 +4,7 @@ source has its own validation split)."""
 from __future__ import annotations
 
 from qatflow.data import load_splits, split_summary, write_jsonl
-from qatflow.stages.runner import StageContext
+from qatflow.stage_context import StageContext
 from qatflow.tokens import SPLIT_FILES
 
 

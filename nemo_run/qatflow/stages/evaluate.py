@@ -6,7 +6,7 @@ import torch
 
 from qatflow.backends import get_backend
 from qatflow.evaluation import score
-from qatflow.stages.runner import StageContext
+from qatflow.stage_context import StageContext
 from qatflow.tokens import read_split, tokenize_split
 
 # Evaluation stage -> the stage whose model it scores.

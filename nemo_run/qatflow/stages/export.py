@@ -1,7 +1,7 @@
 """04_export: the trained student as a unified Hugging Face checkpoint (hf_quant_config.json)."""
 
 from qatflow.backends import get_backend
-from qatflow.stages.runner import StageContext
+from qatflow.stage_context import StageContext
 
 
 def run(ctx: StageContext) -> dict:

@@ -1,7 +1,7 @@
 """01_import: a HF hub id, local folder or GGUF file -> the backend's checkpoint."""
 
 from qatflow.backends import get_backend
-from qatflow.stages.runner import StageContext
+from qatflow.stage_context import StageContext
 
 
 def run(ctx: StageContext) -> dict:

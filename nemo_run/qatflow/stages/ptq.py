@@ -1,7 +1,7 @@
 """02_ptq: post-training quantization with ModelOpt, calibrated on training conversations."""
 
 from qatflow.backends import get_backend
-from qatflow.stages.runner import StageContext
+from qatflow.stage_context import StageContext
 
 
 def run(ctx: StageContext) -> dict:

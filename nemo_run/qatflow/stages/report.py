@@ -7,7 +7,7 @@ from pathlib import Path
 
 from qatflow.backends import TRAIN_LOG
 from qatflow.manifest import read_manifest
-from qatflow.stages.runner import StageContext
+from qatflow.stage_context import StageContext
 
 ROWS = (("06_eval_bf16", "BF16 / full precision"), ("07_eval_ptq", "PTQ"), ("08_eval_trained", "trained"))
 

@@ -6,39 +6,18 @@ import errno
 import importlib
 import os
 import shutil
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from qatflow import distributed, lifecycle
 from qatflow.config import FlowConfig
-from qatflow.manifest import StageOutput, is_complete, read_manifest
+from qatflow.manifest import StageOutput, is_complete
+from qatflow.stage_context import StageContext
 from qatflow.stages import BY_NAME, fingerprints
 
 
 class StageInputError(RuntimeError):
     """An upstream stage has no complete result."""
-
-
-@dataclass
-class StageContext:
-    """What a stage's `run` receives."""
-
-    config: FlowConfig
-    stage: str
-    out_dir: Path  # the partial folder; renamed to final_dir on success
-    final_dir: Path
-    work_dir: Path  # survives a killed run: resumable state
-    inputs: dict[str, Path]  # upstream stage name -> its complete folder
-    started: float = field(default_factory=time.time)
-
-    def input_manifest(self, stage: str) -> dict:
-        return read_manifest(self.inputs[stage]) or {}
-
-    def log(self, message: str) -> None:
-        elapsed = time.time() - self.started
-        print(f"[{self.stage} {elapsed:7.1f}s] {message}", flush=True)
 
 
 # A folder of files named after variables (HF_TOKEN): how containers of --executor docker receive secrets.

@@ -3,7 +3,7 @@
 import importlib
 
 from qatflow.backends import get_backend
-from qatflow.stages.runner import StageContext
+from qatflow.stage_context import StageContext
 
 
 def run(ctx: StageContext) -> dict:

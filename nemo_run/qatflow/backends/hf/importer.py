@@ -7,7 +7,7 @@ from pathlib import Path
 from qatflow import paths
 from qatflow.backends.hf.modeling import DTYPES, save_model
 from qatflow.chat import apply_template_override, check_template_tokens
-from qatflow.stages.runner import StageContext
+from qatflow.stage_context import StageContext
 
 
 def _fix_gguf_tokenizer(tokenizer) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from qatflow.config import FlowConfig
-from qatflow.preflight import resolve_device
+from qatflow.distributed import resolve_device
 
 MODEL_SUBDIR = "model"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

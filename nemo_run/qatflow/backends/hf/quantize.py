@@ -10,7 +10,7 @@ import torch
 from qatflow.backends.hf.modeling import (compute_dtype, device_of, load_model, load_tokenizer, save_model,
                                           stage_model_dir)
 from qatflow.config import ConfigError, FlowConfig
-from qatflow.stages.runner import StageContext
+from qatflow.stage_context import StageContext
 from qatflow.tokens import batches, read_split, tokenize_split
 
 # --algorithm names of the upstream flow -> ModelOpt configs.

@@ -31,7 +31,7 @@ from qatflow.backends.hf.modeling import (DTYPES, compute_dtype, device_of, load
                                           save_model, stage_model_dir)
 from qatflow.chat import TokenizedConversation
 from qatflow.config import FlowConfig
-from qatflow.stages.runner import StageContext
+from qatflow.stage_context import StageContext
 from qatflow.tokens import Batch, collate, read_split, tokenize_split
 
 @functools.lru_cache(maxsize=4)

@@ -15,7 +15,7 @@ from qatflow import distributed
 from qatflow.backends.hf.exporter import CHECKPOINT_SUBDIR, bake_quantized_weights, export_metrics, finalize_checkpoint
 from qatflow.backends.hf.modeling import DTYPES, load_tokenizer
 from qatflow.backends.nemo import runtime
-from qatflow.stages.runner import StageContext
+from qatflow.stage_context import StageContext
 
 
 def export(ctx: StageContext) -> dict:

@@ -20,7 +20,7 @@ from qatflow.backends.hf.importer import import_model as import_hf
 from qatflow.backends.hf.modeling import load_tokenizer
 from qatflow.backends.nemo import runtime
 from qatflow.config import FlowConfig
-from qatflow.stages.runner import StageContext
+from qatflow.stage_context import StageContext
 
 GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")  # as NeMo's chat data looks for it
 # Transformer Engine fuses each pre-norm into the linear that follows it; the local spec keeps a norm module.

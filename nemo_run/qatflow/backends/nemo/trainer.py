@@ -32,7 +32,7 @@ from qatflow import distributed
 from qatflow.backends import TRAIN_LOG
 from qatflow.backends.nemo import runtime
 from qatflow.config import FlowConfig
-from qatflow.stages.runner import StageContext
+from qatflow.stage_context import StageContext
 
 RUN_NAME = "train"
 UNFINISHED = "-unfinished"  # NeMo's marker beside a checkpoint being written
