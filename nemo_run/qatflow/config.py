@@ -118,6 +118,11 @@ class ExportConfig:
     # dtype engines compute the export in. bfloat16 is what vLLM and TensorRT-LLM serve NVFP4 in; float16 and
     # float32 stay settings. 05_verify computes student and export in it.
     dtype: str = "bfloat16"
+    # Checkpoint format: "modelopt" (ModelOpt's unified checkpoint with hf_quant_config.json, what TensorRT-LLM and
+    # vLLM's modelopt_fp4 load), "compressed-tensors" (llm-compressor's nvfp4-pack-quantized, written with the
+    # compressed-tensors library: vLLM's compressed-tensors loader, transformers) or "both" (the second one in
+    # 04_export/checkpoint_compressed_tensors). The same FP4 codes and scales either way. hf backend only.
+    format: str = "modelopt"
 
 
 @dataclass
@@ -380,6 +385,20 @@ def validate(config: FlowConfig) -> None:
     _choice(config.run.device, DEVICES, "run.device")
     _choice(config.model.dtype, DTYPES, "model.dtype")
     _choice(config.export.dtype, ("bfloat16", "float16", "float32"), "export.dtype")
+    _choice(config.export.format, ("modelopt", "compressed-tensors", "both"), "export.format")
+    if config.export.format != "modelopt":
+        if config.run.backend != "hf":
+            raise ConfigError(f"export.format={config.export.format} is written by the hf backend only; use "
+                              f"--backend hf or export.format=modelopt")
+        if config.ptq.algorithm != "nvfp4" or config.ptq.enable_kv_cache:
+            raise ConfigError(f"export.format={config.export.format} writes NVFP4 weights and activations only (no "
+                              f"quantized KV cache); use --algorithm nvfp4 without --enable-kv-cache, or "
+                              f"export.format=modelopt")
+        if config.export.dtype != "bfloat16":
+            # compressed-tensors decompresses NVFP4 weights to bfloat16 whatever the model dtype.
+            raise ConfigError(f"export.format={config.export.format} needs export.dtype=bfloat16 (compressed-tensors "
+                              f"computes NVFP4 weights in bfloat16); set export.dtype=bfloat16 or "
+                              f"export.format=modelopt")
     if not config.verify.max_kl >= 0:
         raise ConfigError(f"verify.max_kl={config.verify.max_kl} must be at least 0 (nats/token)")
     if config.run.backend == "nemo":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -50,15 +51,34 @@ def export(ctx: StageContext) -> dict:
     model = load_model(model_dir, torch.float32, device, config.model.trust_remote_code).eval()
     tokenizer = load_tokenizer(model_dir)
     target = ctx.out_dir / CHECKPOINT_SUBDIR
-    ctx.log(f"exporting unified HF checkpoint ({config.ptq.algorithm}, {config.export.dtype}) to {target}")
+    fmt = config.export.format
+    # compressed-tensors alone: ModelOpt's export is the source of its codes and scales, then dropped.
+    modelopt_target = ctx.out_dir / ".modelopt_checkpoint" if fmt == "compressed-tensors" else target
+    ctx.log(f"exporting unified HF checkpoint ({config.ptq.algorithm}, {config.export.dtype}) to {modelopt_target}")
     dtype = DTYPES[config.export.dtype]
     with torch.no_grad():
         baked = bake_quantized_weights(model)
         cast_parameters(model, dtype)
-        export_hf_checkpoint(model, dtype=dtype, export_dir=target)
-    tokenizer.save_pretrained(target)  # tokenizer and chat template ship with the weights
-    finalize_checkpoint(target, dtype, ctx.log)
-    return export_metrics(ctx, target, baked)
+        export_hf_checkpoint(model, dtype=dtype, export_dir=modelopt_target)
+    del model
+    tokenizer.save_pretrained(modelopt_target)  # tokenizer and chat template ship with the weights
+    finalize_checkpoint(modelopt_target, dtype, ctx.log)
+    if fmt == "modelopt":
+        return export_metrics(ctx, target, baked)
+    from qatflow.backends.hf.compressed_tensors_export import CT_SUBDIR, write_compressed_tensors
+
+    ct_target = target if fmt == "compressed-tensors" else ctx.out_dir / CT_SUBDIR
+    ctx.log(f"writing the compressed-tensors NVFP4 checkpoint to {ct_target}")
+    written = write_compressed_tensors(modelopt_target, ct_target, dtype, ctx.log)
+    tokenizer.save_pretrained(ct_target)
+    make_readable(ct_target)
+    metrics = export_metrics(ctx, modelopt_target, baked)
+    written["safetensors_bytes"] = sum(p.stat().st_size for p in ct_target.glob("*.safetensors"))
+    if fmt == "compressed-tensors":
+        shutil.rmtree(modelopt_target)
+        metrics["safetensors_bytes"] = written["safetensors_bytes"]
+    final_ct = ctx.final_dir / ct_target.relative_to(ctx.out_dir)
+    return {**metrics, "format": fmt, "compressed_tensors": {"checkpoint": str(final_ct), **written}}
 
 
 # Written beside a quantized weight by the unified export; they keep their own dtypes (fp32, float8).
@@ -71,6 +91,11 @@ def readable_mode(directory: bool = False) -> int:
     mask = os.umask(0)
     os.umask(mask)
     return (0o777 if directory else 0o666) & ~mask
+
+
+def make_readable(target: Path) -> None:
+    for path in [target, *target.rglob("*")]:
+        path.chmod(readable_mode(directory=path.is_dir()))
 
 
 def _has_quantized_lm_head(target: Path) -> bool:
@@ -133,8 +158,7 @@ def finalize_checkpoint(target: Path, dtype: torch.dtype, log=print) -> dict:
                 ignore.append("lm_head")
         quant_path.write_text(json.dumps(quant, indent=4) + "\n")
     config_path.write_text(json.dumps(config, indent=4) + "\n")
-    for path in [target, *target.rglob("*")]:
-        path.chmod(readable_mode(directory=path.is_dir()))
+    make_readable(target)
     log(f"export: unquantized tensors in {name} ({cast} cast), config.json dtype {name}, files readable")
     return {"cast_to_export_dtype": cast}
 
