@@ -18,10 +18,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from qatflow import paths
-
-
-class ConfigError(ValueError):
-    """A setting is wrong; the message names the setting and the fix."""
+from qatflow.errors import ConfigError
 
 
 ALGORITHMS = ("nvfp4", "fp8", "int8", "int8_sq", "int4_awq", "w4a8_awq", "int4", "block_fp8", "no_quant")

@@ -10,6 +10,8 @@ import importlib.util
 import os
 from pathlib import Path
 
+from qatflow.errors import ConfigError
+
 PACKAGE_SCHEME = "pkg://"
 
 
@@ -28,8 +30,6 @@ def chat_templates_dir() -> Path:
 
 
 def _config_error(message: str) -> Exception:
-    from qatflow.config import ConfigError  # config imports this module
-
     return ConfigError(message)
 
 

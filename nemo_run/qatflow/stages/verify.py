@@ -40,7 +40,7 @@ from qatflow.backends.hf.modeling import DTYPES
 from qatflow.evaluation import score
 from qatflow.export_reload import (ExportFormatError, check_export, fp32_accumulating_linears, load_exported_model,
                                    served_student)
-from qatflow.stages.runner import StageContext
+from qatflow.stage_context import StageContext
 from qatflow.tokens import read_split, tokenize_split
 
 CHECKPOINT_SUBDIR = "checkpoint"

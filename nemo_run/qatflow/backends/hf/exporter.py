@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from qatflow.backends.hf.modeling import DTYPES, device_of, load_model, load_tokenizer, stage_model_dir
-from qatflow.stages.runner import StageContext
+from qatflow.stage_context import StageContext
 
 CHECKPOINT_SUBDIR = "checkpoint"
 QUANT_CONFIG = "hf_quant_config.json"
