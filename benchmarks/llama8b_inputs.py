@@ -57,7 +57,7 @@ def long_conversations(tokenizer, target_tokens: int, wanted: int) -> list[dict]
 
 def make_inputs(out: Path, target_tokens: int, train: int, validation: int) -> None:
     from qatflow import paths
-    from qatflow.backends.hf.importer import _fix_gguf_tokenizer
+    from qatflow.backends.shared.hf_import import _fix_gguf_tokenizer
     from qatflow.config import ModelConfig
     from qatflow.data import write_jsonl
     from transformers import AutoTokenizer

@@ -29,7 +29,7 @@ def manifests(run_dir: Path) -> dict[str, dict]:
 
 def tokens_per_conversation(inputs: Path, seq_len: int) -> float:
     """Mean tokens of a training conversation as the chat template renders it, cut at the sequence length."""
-    from qatflow.backends.hf.modeling import load_tokenizer
+    from qatflow.backends.shared.modeling import load_tokenizer
     from qatflow.chat import apply_template_override
     from qatflow.data import read_jsonl
 

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "nemo_run"))
 
-from qatflow.backends.hf.modeling import compute_dtype, device_of, load_tokenizer  # noqa: E402
+from qatflow.backends.shared.modeling import compute_dtype, device_of, load_tokenizer  # noqa: E402
 from qatflow.backends.nemo import runtime  # noqa: E402
 from qatflow.backends.nemo.scoring import HF_SPLITS, ScoredModel  # noqa: E402
 from qatflow.cli import load_config  # noqa: E402

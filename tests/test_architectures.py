@@ -49,7 +49,7 @@ def hf_reference(experiment: Path, model: Path, tokenizer_dir: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qatflow.backends.hf.modeling import load_tokenizer
+    from qatflow.backends.shared.modeling import load_tokenizer
     from qatflow.evaluation import score
     from qatflow.tokens import read_split, tokenize_split
 

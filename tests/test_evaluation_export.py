@@ -48,7 +48,7 @@ def test_score_matches_a_direct_computation(tiny_model):
 
 
 def test_aligned_global_scales_agree_between_kernel_and_export():
-    from qatflow.backends.hf.quantize import _exportable_amax
+    from qatflow.backends.shared.quantizers import _exportable_amax
     from qatflow.nvfp4_cpu import GLOBAL_SCALE_DIVISOR as NVFP4_SCALE_DIVISOR
 
     inverse = torch.tensor(1.0) / NVFP4_SCALE_DIVISOR
@@ -67,7 +67,7 @@ def test_an_exclude_pattern_that_matches_nothing_names_the_layers(tiny_model):
     from transformers import AutoModelForCausalLM
 
     from qatflow import nvfp4_cpu
-    from qatflow.backends.hf.quantize import keep_full_precision
+    from qatflow.backends.shared.quantizers import keep_full_precision
     from qatflow.config import ConfigError
 
     nvfp4_cpu.install()
@@ -95,7 +95,7 @@ def test_finalize_checkpoint_casts_unquantized_tensors_names_the_dtype_and_makes
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from qatflow.backends.hf.exporter import finalize_checkpoint
+    from qatflow.backends.shared.checkpoint import finalize_checkpoint
 
     save_file({"model.norm.weight": torch.ones(4),
                "model.layers.0.mlp.up_proj.weight": torch.zeros(4, 8, dtype=torch.uint8),

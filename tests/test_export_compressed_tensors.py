@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from qatflow.backends.hf.compressed_tensors_export import CT_SUBDIR, eager
+from qatflow.artifacts import EXPORT_COMPRESSED_TENSORS as CT_SUBDIR
+from qatflow.backends.hf.compressed_tensors_export import eager
 
 STAGES = ("00_data", "01_import", "02_ptq", "03_train", "04_export", "05_verify")
 EXCLUDED_MLP = ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"]

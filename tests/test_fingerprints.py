@@ -63,10 +63,12 @@ def test_nemo_settings_count_where_the_nemo_backend_reads_them():
 
 
 def test_a_stage_start_removes_resumable_work_of_earlier_settings(tmp_path):
-    for fingerprint in ("old", "new"):
-        (tmp_path / ".03_train.work" / fingerprint).mkdir(parents=True)
-        (tmp_path / ".03_train.work" / fingerprint / "step_000010.pt").write_bytes(b"checkpoint")
-    output = StageOutput(tmp_path, "03_train", "new")
+    old, new = "0123456789abcdef", "fedcba9876543210"
+    for folder in (old, new, "teacher_cache"):
+        (tmp_path / ".03_train.work" / folder).mkdir(parents=True)
+        (tmp_path / ".03_train.work" / folder / "step_000010.pt").write_bytes(b"checkpoint")
+    output = StageOutput(tmp_path, "03_train", new)
     output.begin()
-    assert [p.name for p in (tmp_path / ".03_train.work").iterdir()] == ["new"]
+    # the teacher's cache serves any settings and stays
+    assert sorted(p.name for p in (tmp_path / ".03_train.work").iterdir()) == sorted([new, "teacher_cache"])
     assert (output.work_dir / "step_000010.pt").read_bytes() == b"checkpoint"  # its own work is resumed

@@ -68,7 +68,7 @@ def test_import_reproduces_the_hf_model(nemo_run_dir, tiny_model):
     fails if a weight (e.g. a norm redirected for the local layer spec) were mapped wrong."""
     import torch
 
-    from qatflow.backends.hf.modeling import load_tokenizer
+    from qatflow.backends.shared.modeling import load_tokenizer
     from qatflow.evaluation import score
     from qatflow.tokens import read_split, tokenize_split
     from transformers import AutoModelForCausalLM

@@ -111,7 +111,7 @@ def test_kill_during_cached_training_then_resume(tiny_recipe, prepared):
 def test_cached_teacher_at_full_vocab_trains_on_the_full_kl(tiny_model):
     from qatflow.backends.hf import teacher_cache
     from qatflow.backends.hf.distill import supervised_rows, token_loss
-    from qatflow.backends.hf.modeling import load_model, load_tokenizer
+    from qatflow.backends.shared.modeling import load_model, load_tokenizer
     from qatflow.chat import tokenize_conversation
     from tiny_assets import tiny_conversations
 

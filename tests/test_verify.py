@@ -173,3 +173,20 @@ def test_a_planted_fault_fails_the_flow_with_its_cause(experiment):
     output = result.stdout + result.stderr
     assert f"tensor {name}: expected one positive finite fp32 scale" in output, output[-4000:]
     assert "05_verify" in output and not (config.experiment_dir / "09_report").exists()
+
+
+def test_every_exported_input_scale_is_the_global_scale_the_hf_student_computes_with(experiment, tmp_path):
+    from qatflow.backends import get_backend
+    from qatflow.stages.verify import input_scale_mismatches
+
+    config, _ = experiment
+    backend = get_backend("hf")
+    student, _ = backend.load_model(config.experiment_dir / "03_train", config, torch.device("cpu"))
+    scales = backend.student_input_scales(student)
+    export = config.experiment_dir / "04_export" / "checkpoint"
+    assert scales and input_scale_mismatches(scales, export) == []
+    planted = tmp_path / "checkpoint"
+    shutil.copytree(export, planted)
+    layer = sorted(scales)[-1]
+    _edit_tensors(planted, lambda state: state.update({f"{layer}.input_scale": state[f"{layer}.input_scale"] * 2}))
+    assert [fault.split(" = ")[0] for fault in input_scale_mismatches(scales, planted)] == [f"{layer}.input_scale"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
 import time
 import uuid
@@ -65,6 +66,9 @@ def _versions() -> dict[str, str]:
     return found
 
 
+FINGERPRINT_NAME = re.compile(r"[0-9a-f]{16}")  # stages.fingerprints: 16 hex digits
+
+
 @dataclass
 class StageOutput:
     """One stage's folder under the experiment directory, written atomically."""
@@ -91,7 +95,8 @@ class StageOutput:
         """Resumable work of other settings (an earlier fingerprint of this stage) can never be resumed by this run
         and may hold checkpoints of tens of GB: it goes when this stage starts."""
         for other in (self.experiment_dir / f".{self.stage}.work").glob("*"):
-            if other.name != self.fingerprint:
+            # Only fingerprint folders: caches kept beside them (the teacher's top-k logits) serve any settings.
+            if other.name != self.fingerprint and FINGERPRINT_NAME.fullmatch(other.name):
                 print(f"[{self.stage}] removing resumable work of earlier settings: {other}", flush=True)
                 shutil.rmtree(other, ignore_errors=True)
 

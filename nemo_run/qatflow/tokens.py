@@ -10,9 +10,8 @@ import torch
 
 from qatflow.chat import (TokenizedConversation, check_mask_share, check_template_tokens, describe_statistics,
                           mask_statistics, tokenize_conversation)
+from qatflow.artifacts import SPLIT_FILES
 from qatflow.data import read_jsonl
-
-SPLIT_FILES = {"train": "training.jsonl", "validation": "validation.jsonl"}
 
 
 def read_split(data_dir: Path, split: str, limit: int | None = None) -> list[dict]:

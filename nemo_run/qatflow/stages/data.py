@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from qatflow.data import load_splits, split_summary, write_jsonl
 from qatflow.stage_context import StageContext
-from qatflow.tokens import SPLIT_FILES
+from qatflow.artifacts import SPLIT_FILES
 
 
 def run(ctx: StageContext) -> dict:

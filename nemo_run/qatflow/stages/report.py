@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from qatflow.backends import TRAIN_LOG
+from qatflow.artifacts import REPORT, TRAIN_LOG, export_checkpoint
 from qatflow.manifest import read_manifest
 from qatflow.stage_context import StageContext
 
@@ -110,7 +110,7 @@ def run(ctx: StageContext) -> dict:
                if line.strip()]
     _plot_loss(history, ctx.out_dir / "loss.png", config.train.method)
     _plot_comparison(rows, ctx.out_dir / "comparison.png")
-    export_dir = experiment / "04_export" / "checkpoint"
+    export_dir = export_checkpoint(experiment)
     recovery = {
         "ppl_gap_closed_assistant": gap_closed(full["ppl_assistant"], ptq["ppl_assistant"], trained["ppl_assistant"]),
         "ppl_gap_closed_all": gap_closed(full["ppl_all"], ptq["ppl_all"], trained["ppl_all"]),
@@ -185,8 +185,8 @@ def run(ctx: StageContext) -> dict:
         "```",
         "",
     ]
-    (ctx.out_dir / "report.md").write_text("\n".join(lines))
-    ctx.log(f"report: {ctx.final_dir / 'report.md'}")
+    (ctx.out_dir / REPORT).write_text("\n".join(lines))
+    ctx.log(f"report: {ctx.final_dir / REPORT}")
     return {"rows": {label: metrics for label, metrics in rows}, "recovery": recovery,
             "export_kl_assistant": verify.get("kl_assistant"), "export_numerics": verify.get("numerics"),
             "export_dir": str(export_dir)}

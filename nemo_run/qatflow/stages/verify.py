@@ -31,19 +31,19 @@ from pathlib import Path
 
 import torch
 
+from qatflow.artifacts import EXPORT_CHECKPOINT, EXPORT_COMPRESSED_TENSORS
 from qatflow.backends import get_backend
-from qatflow.backends.hf.compressed_tensors_export import (CT_SUBDIR, CompressedTensorsError, check_compressed_tensors,
+from qatflow.backends.hf.compressed_tensors_export import (CompressedTensorsError, check_compressed_tensors,
                                                            eager, global_scale_mismatches, is_compressed_tensors,
                                                            load_compressed_tensors_model, student_global_scales,
                                                            weight_mismatches)
-from qatflow.backends.hf.modeling import DTYPES
+from qatflow.backends.shared.modeling import DTYPES
 from qatflow.evaluation import score
 from qatflow.export_reload import (ExportFormatError, check_export, fp32_accumulating_linears, load_exported_model,
                                    served_student)
 from qatflow.stage_context import StageContext
 from qatflow.tokens import read_split, tokenize_split
 
-CHECKPOINT_SUBDIR = "checkpoint"
 
 
 class VerifyError(RuntimeError):
@@ -132,7 +132,7 @@ def run(ctx: StageContext) -> dict:
     config = ctx.config
     backend = get_backend(config.run.backend)
     device = backend.device_of(config)
-    export_dir = ctx.inputs["04_export"] / CHECKPOINT_SUBDIR
+    export_dir = ctx.inputs["04_export"] / EXPORT_CHECKPOINT
     served = DTYPES[config.export.dtype]
     if is_compressed_tensors(export_dir):  # export.format=compressed-tensors: the only checkpoint
         return _run_compressed_tensors_only(ctx, export_dir, device)
@@ -152,7 +152,7 @@ def run(ctx: StageContext) -> dict:
                               if quantized
                               else (_load_plain(export_dir, device, served).to(compare), {"quantized_layers": 0}))
             student, tokenizer = backend.load_model(ctx.inputs["03_train"], config, device)
-            ct_dir = ctx.inputs["04_export"] / CT_SUBDIR
+            ct_dir = ctx.inputs["04_export"] / EXPORT_COMPRESSED_TENSORS
             ct_scales = student_global_scales(student) if ct_dir.is_dir() else {}  # before the quantizers go off
             student_scales = backend.student_input_scales(student) if across_libraries else {}
             scale_faults = input_scale_mismatches(student_scales, export_dir) if across_libraries else []
@@ -162,13 +162,16 @@ def run(ctx: StageContext) -> dict:
         if scale_faults:
             raise VerifyError(f"05_verify: {len(scale_faults)} exported activation scales are not the student's; "
                               f"first: {scale_faults[0]}")
-        full, _ = backend.load_model(ctx.inputs["01_import"], config, device)
+        same_model = compare == served
+        # The full-precision model scores beside the student when both compute in the served dtype; otherwise only
+        # the export as served, at the end: loaded then, it never sits beside the fp32 student and export (at 8B
+        # that is 32 GB of a GPU's memory).
+        full = backend.load_model(ctx.inputs["01_import"], config, device)[0] if same_model else None
         records = read_split(ctx.inputs["00_data"], "validation", config.eval.num_samples)
         items = tokenize_split(tokenizer, records, config.eval.seq_len, "validation", log=ctx.log)
         numerics = numerics_label(config, compare, activations=True)
         differing = differing_tensors(student, exported) if config.run.backend == "hf" else []
         ctx.log(f"reloaded {info['quantized_layers']} NVFP4 layers; scoring against the student ({numerics})")
-        same_model = compare == served
         metrics = _score(ctx, items, device, exported, tokenizer, student, {"full": full} if same_model else None)
         result = {"verified": True, "export_dir": str(export_dir), "numerics": numerics,
                   "dtype": config.export.dtype, "max_kl": config.verify.max_kl, "differing_tensors": differing[:20],
@@ -203,6 +206,9 @@ def run(ctx: StageContext) -> dict:
                                   f"{result['input_scales_equal']} exported input_scales equal the student's global "
                                   f"scales; W4A4 across Megatron and transformers measured, not failed on")
     if not same_model:  # the export as served, for the report's trained row
+        del student
+        gc.collect()
+        full, _ = backend.load_model(ctx.inputs["01_import"], config, device)
         served_model, _ = load_exported_model(export_dir, device, served, activations=True)
         as_served = _score(ctx, items, device, served_model, tokenizer, full, None)
         result.update({"served_ppl_assistant": as_served["ppl_assistant"], "served_ppl_all": as_served["ppl_all"],

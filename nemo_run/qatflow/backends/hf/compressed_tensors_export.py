@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 
-CT_SUBDIR = "checkpoint_compressed_tensors"  # 04_export's second checkpoint with export.format=both
 QUANT_METHOD = "compressed-tensors"
 CT_FORMAT = "nvfp4-pack-quantized"
 BLOCK_SIZE = 16

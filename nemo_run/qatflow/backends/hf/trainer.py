@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from qatflow.backends import TRAIN_LOG
+from qatflow.artifacts import TRAIN_LOG
 from qatflow.backends.hf import teacher_cache
 from qatflow.backends.hf.distill import supervised_rows, token_loss
 from qatflow.backends.hf.lean_quant import lean_fake_quant
-from qatflow.backends.hf.modeling import (DTYPES, compute_dtype, device_of, load_model, load_tokenizer,
+from qatflow.backends.shared.modeling import (DTYPES, compute_dtype, device_of, load_model, load_tokenizer,
                                           save_model, stage_model_dir)
 from qatflow.chat import TokenizedConversation
 from qatflow.config import FlowConfig

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 
-from qatflow.backends.hf.modeling import compute_dtype, device_of
+from qatflow.backends.shared.modeling import compute_dtype, device_of
 
 
 def import_model(ctx):

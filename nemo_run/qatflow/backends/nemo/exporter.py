@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 
 from qatflow import distributed
-from qatflow.backends.hf.exporter import CHECKPOINT_SUBDIR, bake_quantized_weights, export_metrics, finalize_checkpoint
-from qatflow.backends.hf.modeling import DTYPES, load_tokenizer
+from qatflow.artifacts import EXPORT_CHECKPOINT
+from qatflow.backends.shared.checkpoint import bake_quantized_weights, export_metrics, finalize_checkpoint
+from qatflow.backends.shared.modeling import DTYPES, load_tokenizer
 from qatflow.backends.nemo import runtime
 from qatflow.stage_context import StageContext
 
@@ -32,7 +33,7 @@ def export(ctx: StageContext) -> dict:
                                precision=runtime.SCORING_PRECISION)
     core = unwrap_model(model.module)
     core.eval()
-    target = ctx.out_dir / CHECKPOINT_SUBDIR
+    target = ctx.out_dir / EXPORT_CHECKPOINT
     dtype = DTYPES[config.export.dtype]
     ctx.log(f"export_mcore_gpt_to_hf ({config.ptq.algorithm}, {config.export.dtype}, template {hf_template}) "
             f"-> {target}")

@@ -16,8 +16,8 @@ import re
 import sys
 from pathlib import Path
 
-from qatflow.backends.hf.importer import import_model as import_hf
-from qatflow.backends.hf.modeling import load_tokenizer
+from qatflow.backends.shared.hf_import import import_model as import_hf
+from qatflow.backends.shared.modeling import load_tokenizer
 from qatflow.backends.nemo import runtime
 from qatflow.config import FlowConfig
 from qatflow.stage_context import StageContext

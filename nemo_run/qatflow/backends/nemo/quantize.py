@@ -11,8 +11,8 @@ import time
 
 import torch
 
-from qatflow.backends.hf.modeling import load_tokenizer
-from qatflow.backends.hf.quantize import align_global_scales, count_quantizers, keep_full_precision
+from qatflow.backends.shared.modeling import load_tokenizer
+from qatflow.backends.shared.quantizers import align_global_scales, count_quantizers, keep_full_precision
 from qatflow.backends.nemo import runtime
 from qatflow.stage_context import StageContext
 from qatflow.tokens import pack, read_split, tokenize_split

@@ -135,7 +135,7 @@ def restore(checkpoint: Path, config: FlowConfig, stage: str, precision: str | N
 
 
 def hf_dir(import_stage_dir: Path) -> Path:
-    from qatflow.backends.hf.modeling import stage_model_dir
+    from qatflow.backends.shared.modeling import stage_model_dir
 
     return stage_model_dir(import_stage_dir / HF_SUBDIR)
 
@@ -158,7 +158,7 @@ TOKENIZER_SUBDIR = "tokenizer"
 
 def save_tokenizer(import_stage_dir: Path, out_dir: Path) -> None:
     """A model stage keeps the HF tokenizer (with the chat template the flow uses) beside its NeMo checkpoint."""
-    from qatflow.backends.hf.modeling import load_tokenizer
+    from qatflow.backends.shared.modeling import load_tokenizer
 
     load_tokenizer(hf_dir(import_stage_dir)).save_pretrained(out_dir / TOKENIZER_SUBDIR)
 

@@ -10,8 +10,9 @@ from types import SimpleNamespace
 
 import torch
 
-from qatflow.backends.hf.modeling import load_tokenizer
+from qatflow.backends.shared.modeling import load_tokenizer
 from qatflow.backends.nemo import runtime
+from qatflow.backends.nemo.settings import SCORE
 from qatflow.config import FlowConfig
 
 
@@ -33,7 +34,7 @@ def load_model(stage_dir: Path, config: FlowConfig, device: torch.device):
     from qatflow import nvfp4_cpu
 
     nvfp4_cpu.install()
-    model, _ = runtime.restore(runtime.nemo_checkpoint(stage_dir), config, "06_eval_bf16",
+    model, _ = runtime.restore(runtime.nemo_checkpoint(stage_dir), config, SCORE,
                                precision=runtime.SCORING_PRECISION)
     model.eval()
     tokenizer = load_tokenizer(runtime.tokenizer_dir(stage_dir))

@@ -21,6 +21,8 @@ ENVIRONMENTS: dict[str, dict] = {
 
 # Where each stage's model work runs: import converts on CPU (NeMo's importer builds its own CPU trainer);
 # PTQ, export and evaluation use the PTQ GPUs; training uses the training GPUs x nodes.
+# What scoring restores a NeMo model as (evaluations, verify): the checkpoint whole on one device.
+SCORE = "score"
 STAGE_RESOURCES = {"01_import": "cpu", "02_ptq": "ptq", "03_train": "train", "04_export": "ptq",
                    "05_verify": "ptq", "06_eval_bf16": "ptq", "07_eval_ptq": "ptq", "08_eval_trained": "ptq"}
 

@@ -29,7 +29,7 @@ import yaml
 from lightning.pytorch.callbacks import Callback
 
 from qatflow import distributed
-from qatflow.backends import TRAIN_LOG
+from qatflow.artifacts import TRAIN_LOG
 from qatflow.backends.nemo import runtime
 from qatflow.config import FlowConfig
 from qatflow.stage_context import StageContext

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
+from qatflow.artifacts import MODEL_DIR
 from qatflow.config import FlowConfig
 from qatflow.distributed import resolve_device
 
-MODEL_SUBDIR = "model"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -51,11 +51,11 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device, trust_
 
 
 def save_model(model, tokenizer, out_dir: Path) -> Path:
-    target = out_dir / MODEL_SUBDIR
+    target = out_dir / MODEL_DIR
     model.save_pretrained(target, safe_serialization=True)
     tokenizer.save_pretrained(target)
     return target
 
 
 def stage_model_dir(stage_dir: Path) -> Path:
-    return stage_dir / MODEL_SUBDIR
+    return stage_dir / MODEL_DIR

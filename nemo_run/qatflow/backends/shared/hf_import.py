@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qatflow import paths
-from qatflow.backends.hf.modeling import DTYPES, save_model
+from qatflow.backends.shared.modeling import DTYPES, save_model
 from qatflow.chat import apply_template_override, check_template_tokens
 from qatflow.stage_context import StageContext
 
