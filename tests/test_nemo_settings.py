@@ -18,12 +18,11 @@ def test_issue_command_prints_devices_nodes_and_parallelism(tmp_path):
              for line in [line.strip()]}
     out = result.stdout
     assert "recipe      qwen3_8b_qat   backend nemo" in out
-    train = next(line for line in out.splitlines() if "llm.finetune of qwen3_8b" in line)
+    train = next(line for line in out.splitlines() if "what llm.finetune runs" in line)
     assert "8 device(s) x 1 node(s), TP 2 PP 1 DP 4 SP on" in train
     ptq = next(line for line in out.splitlines() if "nemo Quantizer(nvfp4" in line)
     assert "4 device(s) x 1 node(s), TP 2 PP 1 DP 2 SP on" in ptq
-    assert "NeMo's HF importer of llm.Qwen3Model (config read from the HF checkpoint; Qwen3Config8B not applied)" \
-        in out and "Qwen/Qwen3-8B" in out
+    assert "NeMo's HF importer of llm.Qwen3Model (config read from the HF checkpoint)" in out and "Qwen/Qwen3-8B" in out
     assert "export_mcore_gpt_to_hf(03_train checkpoint: last)" in out
     assert lines  # every model stage says what it runs
     assert not any(tmp_path.iterdir())

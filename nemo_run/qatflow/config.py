@@ -143,10 +143,6 @@ class NemoConfig:
     ckpt_async_save and use_distributed_optimizer off."""
 
     model_class: str = "LlamaModel"  # nemo.collections.llm.<model_class>
-    # The recipe's full-size NeMo config (nemo.collections.llm.<config_class>), a label: the model config is always
-    # read from the HF checkpoint, so a smaller model of the family runs the same recipe.
-    config_class: Optional[str] = None
-    finetune_recipe: Optional[str] = None  # QAT: the model's NeMo finetune recipe (llm.<name>.finetune_recipe)
     accelerator: str = "gpu"
     precision: str = "bf16-mixed"
     sequence_parallel: Optional[bool] = None  # None: on exactly when tensor_parallelism > 1

@@ -138,9 +138,7 @@ def import_model(ctx: StageContext) -> dict:
     importer = settings_importer(config, hf_dir)
     importer(overwrite=False, output_path=target)
     nemo_config = type(importer.config).__name__  # read after the import, which sets what the property needs
-    # nemo.config_class names the recipe's full-size model (Llama31Config8B builds 8B parameters): the config is
-    # always the one read from the HF checkpoint, so a smaller model of the family takes the same recipe.
-    ctx.log(f"NeMo config {nemo_config} read from the HF checkpoint"
-            + (f" (nemo.config_class {config.nemo.config_class} is not applied)" if config.nemo.config_class else ""))
+    # The config is always the one read from the HF checkpoint, so a smaller model of a family takes its recipe.
+    ctx.log(f"NeMo config {nemo_config} read from the HF checkpoint")
     return {**metrics, "nemo_checkpoint": str(target), "layer_spec": config.nemo.layer_spec,
             "nemo_config": nemo_config}

@@ -77,15 +77,14 @@ def describe_stage(config: FlowConfig, stage: str) -> str:
     nemo, train = config.nemo, config.train
     what = {
         "01_import": f"HF checkpoint of {config.model.name}, then NeMo's HF importer of llm.{nemo.model_class} "
-                     f"(config read from the HF checkpoint"
-                     f"{f'; {nemo.config_class} not applied' if nemo.config_class else ''}) built with these settings",
+                     f"(config read from the HF checkpoint) built with these settings",
         "02_ptq": f"nemo Quantizer({config.ptq.algorithm}, {config.ptq.calib_samples} calibration conversations "
                   f"from 00_data).quantize -> NeMo checkpoint with modelopt_state",
         "03_train": (f"DistillationGPTModel(student=02_ptq, teacher=01_import) via llm.train, logit KL, "
                      f"lr {train.lr:g}, {train.steps} steps, global batch {train.global_batch_size}, micro batch "
                      f"{train.micro_batch_size}" if train.method == "qad" else
-                     f"{nemo.model_class} restored from 02_ptq via llm.train (what llm.finetune of "
-                     f"{nemo.finetune_recipe or 'the model recipe'} runs, without PEFT), CE, "
+                     f"{nemo.model_class} restored from 02_ptq via llm.train (what llm.finetune runs, without "
+                     f"PEFT), CE, "
                      f"lr {train.lr:g}, {train.steps} steps, global batch {train.global_batch_size}"),
         "04_export": f"export_mcore_gpt_to_hf(03_train checkpoint: {nemo.export_checkpoint})",
         "05_verify": "reload the HF export, compare with the 03_train student",
