@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO, processes_mentioning, run_flow
 
-from qatflow import cli, docker, graph
+from qatflow import cli, graph
 from qatflow.config import ConfigError
+from qatflow.executors import docker, get_executor
 from qatflow.stages import STAGE_NAMES
 from qatflow.stages.runner import SECRETS_DIR_ENV, load_secrets
 
@@ -146,7 +147,7 @@ def test_unreachable_daemon_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-daemon.sock")
     config, _ = cli.load_config(["--executor", "docker", "--log-dir", str(tmp_path)])
     with pytest.raises(ConfigError, match="cannot reach the Docker daemon at unix://.*no-daemon.sock"):
-        graph.check_executor(config, graph.plan(config))
+        get_executor(config).check(config, graph.plan(config))
     result = run_flow("--executor", "docker", "--log-dir", str(tmp_path), "--set", "docker.gpus=false")
     assert result.returncode == 2 and "start it" in result.stderr
     assert not (tmp_path / "qat_flow_ckpts").exists()  # nothing was queued or written
@@ -328,7 +329,7 @@ def test_checks_before_queueing_ask_the_daemon(qatflow_image, daemon_env, tmp_pa
     def check(*argv: str):
         config, _ = cli.load_config(["--executor", "docker", "--log-dir", str(tmp_path / "logs"), "--set",
                                      TEST_ULIMITS, *argv])
-        graph.check_executor(config, graph.plan(config))
+        get_executor(config).check(config, graph.plan(config))
 
     check("--set", f"docker.image={qatflow_image}", "--set", "docker.gpus=false")  # the test image passes
     check("--set", f"docker.image={qatflow_image}", "--set", "docker.gpus=false",
@@ -372,8 +373,9 @@ def two_stages(qatflow_image, docker_daemon, tiny_recipe, tmp_path_factory):
         patch.setenv(SECRET_NAME, SECRET)
         config, _ = cli.load_config(argv)
         planned = [stage for stage in graph.plan(config) if stage.name in ("00_data", "01_import")]
-        graph.check_executor(config, planned)
-        failed = graph.run_experiment(config, planned)
+        executor = get_executor(config)
+        executor.check(config, planned)
+        failed = executor.run(config, planned)
     secrets_after = set(shm.glob("qatflow-secrets-*")) if shm.is_dir() else set()
     return {"argv": argv, "env": env, "config": config, "failed": failed,
             "secrets_left": secrets_after - secrets_before}
@@ -389,7 +391,7 @@ def test_stages_run_in_their_containers_and_write_to_the_host(two_stages):
         # Each stage ran in its own container (named after it) and wrote to the mounted folder as this user.
         assert manifest["host"] != here and manifest["host"].endswith(stage.replace("_", "-")), manifest["host"]
         assert (experiment / stage / "manifest.json").stat().st_uid == os.getuid()
-        log = graph.stage_log(config, stage).read_text()
+        log = get_executor(config).stage_log(config, stage).read_text()
         assert f"[{stage}" in log and f"secrets received: {SECRET_NAME}" in log, log[-2000:]
     assert len((experiment / "00_data" / "training.jsonl").read_text().splitlines()) == config.data.num_train
     assert (experiment / "01_import" / "model" / "config.json").is_file()
@@ -450,8 +452,9 @@ def test_installed_packaging_runs_the_image_copy_of_qatflow(qatflow_image, daemo
                                  f"docker.image={qatflow_image}", "--set", "docker.gpus=false", "--set", TEST_ULIMITS,
                                  "--set", "docker.packaging=installed"])
     planned = [stage for stage in graph.plan(config) if stage.name == "00_data"]
-    graph.check_executor(config, planned)
-    assert graph.run_experiment(config, planned) == []
+    executor = get_executor(config)
+    executor.check(config, planned)
+    assert executor.run(config, planned) == []
     assert (config.experiment_dir / "00_data" / "training.jsonl").is_file()
-    job = graph.stage_log(config, "00_data").parent
+    job = executor.stage_log(config, "00_data").parent
     assert not (job / "code" / "qatflow").exists()  # nothing shipped: the image's own qatflow ran

@@ -4,6 +4,8 @@ stops."""
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import os
 import shutil
@@ -15,12 +17,14 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import invoke
 import pytest
 import yaml
 from conftest import ENTRY, REPO, processes_mentioning, run_flow
 
-from qatflow import cli, slurm
+from qatflow import cli
 from qatflow.config import ConfigError
+from qatflow.executors import slurm
 from qatflow.stages import BY_NAME, STAGE_NAMES
 
 CLUSTER_SCRIPT = REPO / "slurm" / "local-cluster.sh"
@@ -126,18 +130,38 @@ def test_secrets_are_checked_before_queueing_and_reach_sbatch_by_name_only(tmp_p
     with pytest.raises(ConfigError, match="secret QATFLOW_TEST_SECRET is not set in this environment"):
         slurm.check_cluster(config, list(STAGE_NAMES))
 
-    # Over SSH, sbatch gets the value inline in its remote command, from this environment; other commands do not.
+    # Over SSH, sbatch gets the value from this environment on its standard input, never on the remote command
+    # line (which other users of the login node see); other commands get nothing.
     sent = []
     monkeypatch.setattr(slurm.run.SSHTunnel, "run", lambda self, command, hide=True, warn=False, **kwargs:
-                        sent.append((command, kwargs.get("env"))))
-    monkeypatch.setenv(slurm.SECRETS_ENV, "QATFLOW_TEST_SECRET")
-    monkeypatch.setenv("QATFLOW_TEST_SECRET", "it's secret")
-    tunnel = slurm.SSHTunnel(host="login", user="me", job_dir="/jobs")
+                        sent.append((command, kwargs.get("in_stream"))))
+    value = "it's a $ecret `x` \\ \"y\""
+    monkeypatch.setenv("QATFLOW_TEST_SECRET", value)
+    tunnel = slurm.make_tunnel(config, dataclasses.replace(
+        slurm.load_profile(config), tunnel=slurm.TunnelProfile(kind="ssh", host="login", user="me", job_dir="/jobs")))
     tunnel.run("sbatch --parsable /jobs/x_sbatch.sh")
     tunnel.run("sacct -j 1")
-    assert sent == [("sbatch --parsable /jobs/x_sbatch.sh", {"QATFLOW_TEST_SECRET": "'it'\"'\"'s secret'"}),
-                    ("sacct -j 1", None)]
-    assert "secret" not in repr(tunnel.to_config())  # nothing of it in what nemo_run writes down
+    (sbatch, stdin), (sacct, nothing) = sent
+    assert (sacct, nothing) == ("sacct -j 1", None)
+    assert sbatch.endswith(" && sbatch --parsable /jobs/x_sbatch.sh") and "$ecret" not in sbatch
+    assert stdin.read() == f"{value}\n"
+    assert value not in repr(tunnel.to_config())  # nothing of it in what nemo_run writes down
+    # What a POSIX login shell does with it: sbatch, and so the job, sees the value exactly.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text('#!/bin/sh\nprintf %s "$QATFLOW_TEST_SECRET"\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.delenv("QATFLOW_TEST_SECRET")
+    shell = invoke.Context().run(sbatch, in_stream=io.StringIO(f"{value}\n"), hide=True, warn=True, shell="/bin/sh",
+                                 env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert (shell.return_code, shell.stdout) == (0, value)
+    with monkeypatch.context() as patch:  # one line each: a line break would split a value
+        patch.setenv("QATFLOW_TEST_SECRET", "two\nlines")
+        ssh = _profile(tmp_path, secrets=["QATFLOW_TEST_SECRET"], **{"tunnel.kind": "ssh", "tunnel.host": "login",
+                                                                     "tunnel.user": "me", "tunnel.job_dir": "/jobs"})
+        config, _ = cli.load_config(["--use-slurm", "--slurm-profile", str(ssh), "--log-dir", str(tmp_path)])
+        with pytest.raises(ConfigError, match="secret QATFLOW_TEST_SECRET holds a line break"):
+            slurm.check_cluster(config, list(STAGE_NAMES))
 
 
 def test_partitions_from_sinfo():

@@ -1,4 +1,5 @@
-"""`nemo-qat-flow` / `python nemo_run/nemo_qat_flow.py`: settings -> checks -> the nemo_run graph."""
+"""`nemo-qat-flow` / `python nemo_run/nemo_qat_flow.py`: settings -> checks -> the nemo_run graph -> the executor
+that runs it (qatflow.executors)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,14 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qatflow import paths
 from qatflow.config import BACKENDS, EXECUTORS, ConfigError, FlowConfig, build_config
 from qatflow.stages import STAGE_NAMES
+
+if TYPE_CHECKING:
+    from qatflow.executors import FlowExecutor
 
 DEFAULT_RECIPE = "smollm2_135m"
 # argparse takes "-1e-5" for a flag (its own pattern knows only -1 and -.5); these are values: no flag looks so.
@@ -170,18 +175,45 @@ def omit_omegaconf_details(message: str) -> str:
     return OMEGACONF_DETAIL.sub("", message)
 
 
-def print_failures(config: FlowConfig, failed: list[str], started: float) -> None:
-    """Per failed stage its own error and its log; then the stages that did not start and what to run next."""
-    from qatflow import graph
+TRACEBACK = "Traceback (most recent call last):"
+# What a log line may start with besides the stage's own output: torchrun's "[default0]:" rank prefix.
+RANK_PREFIX = re.compile(r"^\[default\d+\]:")
+# The exception line: a (dotted) class name, a colon and its message.
+EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt|Gone)): ?(.*)$")
+MAX_ERROR_LINES = 6
 
+
+def stage_error(log: Path) -> str | None:
+    """The last exception a stage's log records, as its own message without the traceback (which stays in the
+    log); None when the log holds no traceback."""
+    from qatflow.input_checks import one_line
+
+    lines = [RANK_PREFIX.sub("", line) for line in log.read_text(errors="replace").splitlines()]
+    starts = [index for index, line in enumerate(lines) if line.strip() == TRACEBACK]
+    if not starts:
+        return None
+    for index in range(starts[-1] + 1, len(lines)):
+        match = EXCEPTION_LINE.match(lines[index])
+        if match and not lines[index].startswith(" "):
+            message = [f"{match.group(1)}: {match.group(2)}"]
+            for line in lines[index + 1:index + MAX_ERROR_LINES]:
+                if not line.strip() or not line.startswith(" "):
+                    break
+                message.append(line)  # a message of several lines (a list of bad rows)
+            return one_line("\n".join(message))
+    return None
+
+
+def print_failures(config: FlowConfig, executor: FlowExecutor, failed: list[str], started: float) -> None:
+    """Per failed stage its own error and its log; then the stages that did not start and what to run next."""
     print(f"\nstages without a complete result: {', '.join(failed)}", file=sys.stderr)
     not_started = []
     for stage in failed:
-        log = graph.stage_log(config, stage)
+        log = executor.stage_log(config, stage)
         if log is None or log.stat().st_mtime < started:  # an earlier run's log: this run did not start it
             not_started.append(stage)
             continue
-        print(f"  {stage} failed: {graph.stage_error(log) or 'no error recorded; see its log'}", file=sys.stderr)
+        print(f"  {stage} failed: {stage_error(log) or 'no error recorded; see its log'}", file=sys.stderr)
         print(f"  {stage} log: {log}", file=sys.stderr)
     if not_started:
         print(f"  not started (the run ends at a failed stage): {', '.join(not_started)}", file=sys.stderr)
@@ -191,18 +223,19 @@ def print_failures(config: FlowConfig, failed: list[str], started: float) -> Non
 
 def main(argv: list[str] | None = None) -> int:
     from qatflow import graph, input_checks
+    from qatflow.executors import get_executor
 
     # torch warns on import that the pynvml package is deprecated: noise in every error of the CLI.
     warnings.filterwarnings("ignore", message="The pynvml package is deprecated")
     started = time.time()
     try:
         config, args = load_config(argv)
+        executor = get_executor(config)
         if args.status or args.logs or args.cancel:
-            from qatflow import slurm
-
-            return slurm.command(config, status=args.status, logs=args.logs, cancel=args.cancel)
-        planned = graph.plan(config, force=args.force, from_stage=args.from_stage)
-        pending = {stage.name for stage in planned if stage.status != "done"}
+            return executor.follow(config, status=args.status, logs=args.logs, cancel=args.cancel)
+        planned = graph.plan(config, force=args.force, from_stage=args.from_stage,
+                             one_at_a_time=executor.one_at_a_time)
+        pending = set(graph.pending(planned))
         input_checks.check_inputs(config, pending, dry_run=args.dry_run)
     except ConfigError as error:
         print_error(error)
@@ -212,25 +245,25 @@ def main(argv: list[str] | None = None) -> int:
         from qatflow.memory_plan import plan_for
 
         print(f"\n{plan_for(config).describe(config.run.gpu_memory_gb)}")
-        if config.run.executor in ("slurm", "docker"):
-            print(graph.dry_run_scripts(config, planned))
+        scripts = executor.dry_run_text(config, planned)  # job scripts, containers: what would be started
+        if scripts:
+            print(scripts)
         return 0
-    todo = [stage.name for stage in planned if stage.status != "done"]
-    if not todo:
+    if not pending:
         print("\nevery stage is complete for these settings: nothing to run (use --force or --from-stage to redo)")
         print_results(config)
         return 0
     try:
-        graph.check_executor(config, planned)  # the cluster's own answers, before anything is queued
+        executor.check(config, planned)  # the cluster's or daemon's own answers, before anything is queued
     except ConfigError as error:
         print_error(error)
         return 2
     graph.forget(config, planned)
     config.experiment_dir.mkdir(parents=True, exist_ok=True)
     (config.experiment_dir / "config.yaml").write_text(config.to_yaml())
-    failed = graph.run_experiment(config, planned)
+    failed = executor.run(config, planned)
     if failed:
-        print_failures(config, failed, started)
+        print_failures(config, executor, failed, started)
         return 1
     print(f"\nflow complete in {time.time() - started:.0f} s")
     print_results(config)

@@ -77,7 +77,7 @@ def check_recipe(recipe: str) -> None:
 def check_slurm_profile(config: FlowConfig) -> None:
     if config.run.executor != "slurm" or not config.run.slurm_profile:
         return
-    from qatflow.slurm import profile_path
+    from qatflow.executors.slurm import profile_path
 
     path = profile_path(config)
     data = check_yaml_file(path, "--slurm-profile")

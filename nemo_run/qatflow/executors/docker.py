@@ -19,13 +19,16 @@ import tempfile
 import threading
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import nemo_run as run
 
-from qatflow.config import ConfigError, FlowConfig
-from qatflow.manifest import is_complete
-from qatflow.stages import BY_NAME, fingerprints
+from qatflow.config import FlowConfig
+from qatflow.errors import ConfigError
+from qatflow.executors.base import FlowExecutor, code_packager
+from qatflow.graph import (GPU_JOB_ENV, JOB_ENV, PlannedStage, StageExecutor, add_tasks, incomplete, local_tasks,
+                           open_experiment, pending)
+from qatflow.stages import BY_NAME
 from qatflow.stages.runner import SECRETS_DIR_ENV
 
 # Where nemo_run mounts a job's folder (scripts, shipped code, logs) and runs from (its code/ folder).
@@ -34,12 +37,7 @@ HF_CACHE = "/hf_cache"  # HF_HOME of the image (docker/Dockerfile)
 SECRETS_MOUNT = "/run/qatflow-secrets"
 IPC_MODE = "host"  # NCCL and dataloader workers share memory through /dev/shm (64 MB in a default container)
 PROBE_MARK = "qatflow-probe:"
-
-# Image name -> the id the checks found: stages run that exact image, and nemo_run (which pulls every image by
-# name before it starts a container, falling back to the local one) pulls nothing.
-_image_ids: dict[str, str] = {}
-# The private folder that hands secrets to the containers, while a run is under way.
-_secrets_dir: list[str] = []
+SECRETS_AT_RUN_TIME = "<private folder made at run time>"
 
 
 def host_user() -> str:
@@ -54,8 +52,6 @@ def hf_cache(config: FlowConfig) -> Path:
 
 def stage_gpus(config: FlowConfig, stage: str) -> int:
     """GPUs the container of a stage requests (0: none): one per process of a ptq or train stage."""
-    from qatflow.graph import local_tasks
-
     if not config.docker.gpus or BY_NAME[stage].resources == "cpu":
         return 0
     return local_tasks(config, stage)
@@ -70,8 +66,9 @@ def input_paths(config: FlowConfig) -> list[str]:
     return found
 
 
-def volumes(config: FlowConfig) -> list[str]:
-    """host:container[:mode] bind mounts of every stage, besides nemo_run's own job folder."""
+def volumes(config: FlowConfig, secrets_dir: Optional[Path] = None) -> list[str]:
+    """host:container[:mode] bind mounts of every stage, besides nemo_run's own job folder; `secrets_dir` is the
+    private folder that hands secrets over while a run is under way."""
     experiment = str(config.experiment_dir.resolve())
     mounts = [f"{experiment}:{experiment}"]
     for path in input_paths(config):
@@ -80,8 +77,7 @@ def volumes(config: FlowConfig) -> list[str]:
     mounts.append(f"{hf_cache(config)}:{HF_CACHE}")
     mounts.extend(config.docker.mounts)
     if config.docker.secrets:
-        folder = _secrets_dir[-1] if _secrets_dir else "<private folder made at run time>"
-        mounts.append(f"{folder}:{SECRETS_MOUNT}:ro")
+        mounts.append(f"{secrets_dir or SECRETS_AT_RUN_TIME}:{SECRETS_MOUNT}:ro")
     return mounts
 
 
@@ -95,25 +91,13 @@ def ulimits(config: FlowConfig) -> list[str]:
     return limits
 
 
-def make_packager(config: FlowConfig):
-    if config.docker.packaging == "installed":
-        return run.Packager()
-    package_dir = Path(__file__).resolve().parent
-    # The archive holds qatflow/ at its top and unpacks into /nemo_run/code, where the job starts `python -m`: that
-    # folder comes first on sys.path, before the image's installed copy.
-    return run.PatternPackager(include_pattern=str(package_dir), relative_path=str(package_dir.parent))
-
-
-def make_executor(config: FlowConfig, resources: str, stage: str, base_env: dict[str, str]):
-    """The DockerExecutor of one stage: the image, this user, its GPUs, the mounts and the environment."""
-    from qatflow.slurm import GPU_JOB_ENV
-
-    from qatflow.graph import local_tasks
-
+def make_executor(config: FlowConfig, stage: str, image: str, secrets_dir: Optional[Path] = None):
+    """The DockerExecutor of one stage: the image (by id once the checks found it), this user, its GPUs, the mounts
+    and the environment."""
     settings = config.docker
     gpus = stage_gpus(config, stage)
     tasks = local_tasks(config, stage)
-    env = dict(base_env)
+    env = dict(JOB_ENV)
     if gpus:
         env.update(GPU_JOB_ENV)
     # The caller's UID may have no home in the image; libraries that cache under $HOME need a writable one.
@@ -122,17 +106,19 @@ def make_executor(config: FlowConfig, resources: str, stage: str, base_env: dict
     if settings.secrets:
         env[SECRETS_DIR_ENV] = SECRETS_MOUNT
     return run.DockerExecutor(
-        container_image=_image_ids.get(settings.image, settings.image),
+        container_image=image,
         # Several GPUs (nemo backend): one process each, started by torchrun, as with the local executor.
         ntasks_per_node=tasks,
         launcher="torchrun" if tasks > 1 else None,
         num_gpus=gpus or None,
         ipc_mode=IPC_MODE,
         ulimits=ulimits(config),
-        volumes=volumes(config),
+        volumes=volumes(config, secrets_dir),
         env_vars=env,
         additional_kwargs={"user": host_user()},
-        packager=make_packager(config),
+        # tree: the archive unpacks into /nemo_run/code, where the job starts `python -m`: that folder comes first
+        # on sys.path, before the image's installed copy.
+        packager=code_packager(settings.packaging),
     )
 
 
@@ -173,9 +159,9 @@ def _probe_script(config: FlowConfig) -> str:
     ])
 
 
-def check_daemon(config: FlowConfig, stages: list[str]) -> None:
+def check_daemon(config: FlowConfig, stages: list[str]) -> str:
     """The daemon answers, the image is there, and a container of it, run as this user with the stages' mounts and
-    GPUs, has bash, Python and nemo_run and can write the experiment folder."""
+    GPUs, has bash, Python and nemo_run and can write the experiment folder. Returns the image's id."""
     from docker.errors import APIError, ImageNotFound
     from docker.types import DeviceRequest, Ulimit
 
@@ -240,7 +226,7 @@ def check_daemon(config: FlowConfig, stages: list[str]) -> None:
         raise ConfigError(f"--log-dir {config.run.log_dir}: a container running as {user} cannot write "
                           f"{config.experiment_dir} (rootless Docker, user namespaces or a root-squashed mount map "
                           f"UIDs); use a --log-dir this user owns on a local disk, or a rootful daemon")
-    _image_ids[settings.image] = image.id
+    return image.id
 
 
 def _reason(error: Exception) -> str:
@@ -278,14 +264,14 @@ def docker_run_line(executor, stage: str) -> str:
     return " ".join(word if word.startswith("<job folder>") else shlex.quote(word) for word in words)
 
 
-def dry_run(config: FlowConfig, planned, make_executor_of: Callable) -> str:
+def dry_run(config: FlowConfig, planned: list[PlannedStage], stage_executor: StageExecutor) -> str:
     """Each pending stage's container: what runs, as a `docker run` line. Needs no daemon."""
     lines = ["", f"containers of image {config.docker.image}, as this user ({host_user()}); the experiment folder "
                  f"and local inputs are mounted at their own paths"]
     for stage in planned:
         if stage.status == "done":
             continue
-        executor = make_executor_of(config, BY_NAME[stage.name].resources, stage.name)
+        executor = stage_executor(config, BY_NAME[stage.name].resources, stage.name)
         gpus = executor.num_gpus or 0
         lines += ["", f"# ---- {stage.name}: {gpus} GPU(s), after {', '.join(stage.runs_after) or 'nothing'}",
                   docker_run_line(executor, stage.name)]
@@ -307,15 +293,12 @@ def _secrets_folder(config: FlowConfig) -> Iterator[Optional[Path]]:
             path = folder / name
             path.touch(mode=0o600)
             path.write_text(os.environ[name])
-        _secrets_dir.append(str(folder))
         yield folder
     finally:
-        if str(folder) in _secrets_dir:
-            _secrets_dir.remove(str(folder))
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def run_stages(config: FlowConfig, planned, add_tasks: Callable, open_experiment: Callable) -> list[str]:
+def run_stages(config: FlowConfig, planned: list[PlannedStage], stage_executor: StageExecutor) -> list[str]:
     """Runs the pending stages one container after another; returns the stages without a complete result (read from
     the manifests, which the mounted experiment folder brings back here)."""
     from docker.errors import DockerException
@@ -323,11 +306,11 @@ def run_stages(config: FlowConfig, planned, add_tasks: Callable, open_experiment
     # nemo_run unpacks each stage's code through invoke, which mirrors this process's stdin into the command: give it
     # nothing to read (a terminal's keystrokes, or a test runner's captured input).
     stdin, experiment = sys.stdin, None
-    with _secrets_folder(config), open(os.devnull) as nothing:
+    with open(os.devnull) as nothing:
         sys.stdin = nothing
         try:
             with open_experiment(config) as experiment:
-                add_tasks(experiment, config, planned)
+                add_tasks(experiment, config, planned, stage_executor)
                 with _stop_on_interrupt(experiment):
                     experiment.run(detach=False, tail_logs=True)
         except DockerException as error:  # a container the daemon would not start; the stages after it never ran
@@ -339,9 +322,7 @@ def run_stages(config: FlowConfig, planned, add_tasks: Callable, open_experiment
             if runner is not None:
                 with suppress(Exception):
                     runner.close()
-    prints = fingerprints(config)
-    return [stage.name for stage in planned
-            if stage.status != "done" and not is_complete(config.experiment_dir / stage.name, prints[stage.name])]
+    return incomplete(config, planned)
 
 
 @contextmanager
@@ -376,3 +357,41 @@ def stage_log(config: FlowConfig, stage: str) -> Optional[Path]:
     root = config.experiment_dir / "nemo_run"
     logs = sorted(root.rglob(f"{stage}/log_*.out"), key=lambda p: p.stat().st_mtime) if root.exists() else []
     return logs[-1] if logs else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The executor
+
+
+class DockerFlowExecutor(FlowExecutor):
+    """Each pending stage, one after another, as a container of the qatflow image on this machine."""
+
+    name = "docker"
+
+    def __init__(self) -> None:
+        # The id the checks found for docker.image: stages run that exact image, and nemo_run (which pulls every image
+        # by name before it starts a container, falling back to the local one) pulls nothing.
+        self.image_id: Optional[str] = None
+        # The private folder that hands secrets to the containers, while the run is under way.
+        self.secrets_dir: Optional[Path] = None
+
+    def check(self, config: FlowConfig, planned: list[PlannedStage]) -> None:
+        super().check(config, planned)
+        self.image_id = check_daemon(config, pending(planned))
+
+    def stage_executor(self, config: FlowConfig, resources: str, stage: str):
+        return make_executor(config, stage, self.image_id or config.docker.image, self.secrets_dir)
+
+    def run(self, config: FlowConfig, planned: list[PlannedStage]) -> list[str]:
+        with _secrets_folder(config) as folder:
+            self.secrets_dir = folder
+            try:
+                return run_stages(config, planned, self.stage_executor)
+            finally:
+                self.secrets_dir = None
+
+    def stage_log(self, config: FlowConfig, stage: str) -> Optional[Path]:
+        return stage_log(config, stage)
+
+    def dry_run_text(self, config: FlowConfig, planned: list[PlannedStage]) -> str:
+        return dry_run(config, planned, self.stage_executor)

@@ -3,11 +3,12 @@
 Each pending stage becomes one sbatch job, chained to the stages it reads by afterok dependencies. Cluster settings
 come from a profile file (`--slurm-profile`, see slurm/README.md) and environment variables, never from code.
 nemo_run's records of a submission live in `<log-dir>/<experiment>/slurm/`; `--status`, `--logs STAGE` and
-`--cancel` read them back.
+`--cancel` read them back (SlurmFlowExecutor.follow).
 """
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shlex
@@ -17,22 +18,23 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import nemo_run as run
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from qatflow import paths
-from qatflow.config import ConfigError, FlowConfig, check_secret_names
+from qatflow.config import FlowConfig, check_secret_names
+from qatflow.errors import ConfigError
+from qatflow.executors.base import FlowExecutor, code_packager
+from qatflow.graph import GPU_JOB_ENV, JOB_ENV, PlannedStage, StageExecutor, add_tasks, pending
 from qatflow.manifest import is_complete
 from qatflow.stages import BY_NAME, fingerprints
 
 KINDS = ("cpu", "ptq", "train")
 TUNNELS = ("local", "ssh")
 PACKAGING = ("tree", "installed")
-# Names (never values) of the variables `sbatch` must receive from this process; read by SSHTunnel.run.
-SECRETS_ENV = "QATFLOW_SLURM_SECRETS"
 # nemo_run 0.11.1 replaces every "/nemo_run" in the sbatch script of a job without a container by the job's folder.
 RUNDIR = "/nemo_run"
 POLL_SECONDS = 3.0
@@ -46,13 +48,6 @@ ENV_OVERRIDES = {
     "QATFLOW_SLURM_JOB_DIR": "tunnel.job_dir",
 }
 PARTITION_ENV = "QATFLOW_SLURM_PARTITION"  # every stage kind's partition
-
-# What multi-GPU NeMo / megatron-core jobs expect; harmless for one GPU.
-GPU_JOB_ENV = {
-    "CUDA_DEVICE_MAX_CONNECTIONS": "1",  # megatron-core overlaps TP communication through a single queue
-    "TORCH_NCCL_AVOID_RECORD_STREAMS": "1",
-    "NCCL_NVLS_ENABLE": "0",  # NVLink multicast (SHARP) off
-}
 
 FINAL_STATES = ("SUCCEEDED", "FAILED", "CANCELLED")
 # torchrun's variables: qatflow.distributed and Lightning prefer them to srun's, so a job must not inherit them.
@@ -153,7 +148,7 @@ def load_profile(config: FlowConfig) -> SlurmProfile:
         key = getattr(error, "full_key", None) or ""
         message = (getattr(error, "msg", None) or str(error)).splitlines()[0]
         raise ConfigError(f"--slurm-profile {path}: bad setting {key!r}: {message} "
-                          f"(fields: qatflow.slurm.SlurmProfile; environment: ${{oc.env:NAME}})") from None
+                          f"(fields: qatflow.executors.slurm.SlurmProfile; environment: ${{oc.env:NAME}})") from None
     return profile
 
 
@@ -278,16 +273,28 @@ def check_profile(config: FlowConfig) -> SlurmProfile:
 # Executors
 
 
+class _WholeStream(io.StringIO):
+    """Standard input for a remote command, handed over in one read (invoke reads a stream a character at a time)."""
+
+    def read(self, size: Optional[int] = -1) -> str:
+        return super().read()
+
+
 @dataclass(kw_only=True)
 class SSHTunnel(run.SSHTunnel):
-    """nemo_run's SSH tunnel whose `sbatch` also receives the profile's secrets, from this process's environment,
-    inline in the SSH command: never in a file. Same class name on purpose: nemo_run tells tunnels apart by it when
-    it reads its job records back."""
+    """nemo_run's SSH tunnel whose `sbatch` also receives the profile's secrets from this process's environment, on
+    the remote shell's standard input, one line each: never in a file, and never on a command line (which other
+    users of the login node see). Same class name on purpose: nemo_run tells tunnels apart by it when it reads its
+    job records back."""
+
+    secret_names: List[str] = field(default_factory=list)  # names only: nemo_run writes the tunnel into its records
 
     def run(self, command: str, hide: bool = True, warn: bool = False, **kwargs):
-        names = [name for name in os.environ.get(SECRETS_ENV, "").split(",") if name in os.environ]
+        names = [name for name in self.secret_names if name in os.environ]
         if command.startswith("sbatch") and names:
-            kwargs["env"] = {**kwargs.get("env", {}), **{name: shlex.quote(os.environ[name]) for name in names}}
+            reads = " && ".join(f"IFS= read -r {name} && export {name}" for name in names)
+            command = f"{reads} && {command}"
+            kwargs["in_stream"] = _WholeStream("".join(f"{os.environ[name]}\n" for name in names))
         return super().run(command, hide=hide, warn=warn, **kwargs)
 
 
@@ -295,25 +302,16 @@ def make_tunnel(config: FlowConfig, profile: SlurmProfile):
     if profile.tunnel.kind == "ssh":
         return SSHTunnel(host=profile.tunnel.host, user=profile.tunnel.user, port=profile.tunnel.port,
                          identity=str(Path(profile.tunnel.identity).expanduser()) if profile.tunnel.identity else None,
-                         job_dir=profile.tunnel.job_dir)
+                         job_dir=profile.tunnel.job_dir, secret_names=list(profile.secrets))
     # A local tunnel copies nothing: its job_dir must be where nemo_run keeps the experiment.
     return run.LocalTunnel(job_dir=str(jobs_root(config) / "experiments"))
 
 
-def make_packager(profile: SlurmProfile):
-    if profile.packaging == "installed":
-        return run.Packager()
-    package_dir = Path(__file__).resolve().parent
-    # The archive holds qatflow/ at its top: jobs put the folder it unpacks into first on PYTHONPATH.
-    return run.PatternPackager(include_pattern=str(package_dir), relative_path=str(package_dir.parent))
-
-
-def make_executor(config: FlowConfig, resources: str, stage: str, base_env: dict[str, str]):
+def make_executor(config: FlowConfig, profile: SlurmProfile, resources: str, stage: str):
     """The SlurmExecutor of one stage: its kind's settings ("cpu", "ptq" or "train"), its GPUs and nodes."""
-    profile = load_profile(config)
     kind = profile.kind(resources)
     shape = job_shape(config, profile, stage)
-    env = dict(base_env)
+    env = dict(JOB_ENV)
     if shape.gpus_per_node:
         env.update(GPU_JOB_ENV)
     env.update(profile.env)
@@ -349,7 +347,8 @@ def make_executor(config: FlowConfig, resources: str, stage: str, base_env: dict
         setup_lines="\n".join(setup) if setup else None,
         job_name_prefix=f"{profile.job_name_prefix}-{config.run.experiment}.",  # nemo_run reads the stage after "."
         tunnel=make_tunnel(config, profile),
-        packager=make_packager(profile),
+        # tree: the shipped archive unpacks into the job folder's code/, first on PYTHONPATH above.
+        packager=code_packager(profile.packaging),
         poll_estimated_start_time=False,
     )
 
@@ -400,6 +399,9 @@ def check_cluster(config: FlowConfig, stages: list[str]) -> None:
         if not os.environ.get(name):
             raise ConfigError(f"{where}: secret {name} is not set in this environment; export it before submitting "
                               f"(jobs receive it by name, it is never written down)")
+        if profile.tunnel.kind == "ssh" and "\n" in os.environ[name]:
+            raise ConfigError(f"{where}: secret {name} holds a line break; over SSH each secret reaches sbatch as one "
+                              f"line of its standard input")
     if profile.tunnel.kind == "local" and not shutil.which("sbatch"):
         raise ConfigError(f"{where}: tunnel.kind=local but this machine has no sbatch; run on a login node or use "
                           f"tunnel.kind=ssh with host, user and job_dir")
@@ -472,13 +474,13 @@ def _open(config: FlowConfig, base_dir: Path):
                           enable_goodbye_message=False, skip_status_at_exit=True, clean_mode=True)
 
 
-def dry_run(config: FlowConfig, planned, add_tasks: Callable) -> str:
+def dry_run(config: FlowConfig, planned: list[PlannedStage], stage_executor: StageExecutor) -> str:
     """The sbatch scripts the pending stages would be submitted with; nothing is queued or kept."""
     lines: list[str] = []
     by_name = {stage.name: stage for stage in planned}
     with tempfile.TemporaryDirectory(prefix="qatflow-dryrun-") as scratch:
         with _open(config, Path(scratch)) as experiment:
-            add_tasks(experiment, config, planned)
+            add_tasks(experiment, config, planned, stage_executor)
             experiment.dryrun(log=False, delete_exp_dir=False)
             for job in experiment.jobs:
                 script = Path(job.executor.experiment_dir) / f"{job.executor.job_name}_sbatch.sh"
@@ -623,13 +625,12 @@ def wait(config: FlowConfig, experiment_id: str, planned) -> dict[str, JobState]
         raise SystemExit(130) from None
 
 
-def submit(config: FlowConfig, planned, add_tasks: Callable) -> list[str]:
+def submit(config: FlowConfig, profile: SlurmProfile, planned: list[PlannedStage],
+           stage_executor: StageExecutor) -> list[str]:
     """Queues the pending stages as dependent jobs, waits for them; returns the stages that did not succeed."""
-    profile = load_profile(config)
-    os.environ[SECRETS_ENV] = ",".join(profile.secrets)  # names only; SSHTunnel.run reads the values
     jobs_root(config).mkdir(parents=True, exist_ok=True)
     with _open(config, jobs_root(config)) as experiment:
-        add_tasks(experiment, config, planned)
+        add_tasks(experiment, config, planned, stage_executor)
         experiment.run(detach=True, tail_logs=False)
         experiment_id = experiment._id  # nemo_run 0.11.1 has no public accessor for it
     print(f"\nsubmitted {len(experiment.jobs)} Slurm jobs ({experiment_id}); job files in "
@@ -682,3 +683,43 @@ def command(config: FlowConfig, status: bool, logs: Optional[str], cancel: bool)
         return 0
     print(format_states(config, experiment_id, states))
     return 1 if any(s.state in ("FAILED", "CANCELLED") for s in states.values()) else 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The executor
+
+
+class SlurmFlowExecutor(FlowExecutor):
+    """One sbatch job per pending stage, chained by afterok dependencies; the command follows them to the end."""
+
+    name = "slurm"
+    one_at_a_time = False  # Slurm starts a stage once the stages it reads have succeeded
+
+    def __init__(self) -> None:
+        self._profile: Optional[SlurmProfile] = None
+
+    def profile(self, config: FlowConfig) -> SlurmProfile:
+        """The cluster profile, read once per run."""
+        if self._profile is None:
+            self._profile = load_profile(config)
+        return self._profile
+
+    def check(self, config: FlowConfig, planned: list[PlannedStage]) -> None:
+        super().check(config, planned)
+        check_cluster(config, pending(planned))
+
+    def stage_executor(self, config: FlowConfig, resources: str, stage: str):
+        return make_executor(config, self.profile(config), resources, stage)
+
+    def run(self, config: FlowConfig, planned: list[PlannedStage]) -> list[str]:
+        # Success comes from the jobs' real states (and the stage manifests where they are visible).
+        return submit(config, self.profile(config), planned, self.stage_executor)
+
+    def stage_log(self, config: FlowConfig, stage: str) -> Optional[Path]:
+        return stage_log(config, stage)
+
+    def dry_run_text(self, config: FlowConfig, planned: list[PlannedStage]) -> str:
+        return dry_run(config, planned, self.stage_executor)
+
+    def follow(self, config: FlowConfig, status: bool, logs: Optional[str], cancel: bool) -> int:
+        return command(config, status=status, logs=logs, cancel=cancel)
