@@ -225,3 +225,15 @@ def test_unsupported_export_formats_are_refused_before_anything_runs(overrides, 
     with pytest.raises(ConfigError) as error:
         build_config("smollm2_135m_qad", {}, overrides)
     assert needle in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_report_says_how_to_serve_each_checkpoint(experiment):
+    from qatflow.stages.runner import run_stage
+
+    for stage in ("06_eval_bf16", "07_eval_ptq", "08_eval_trained", "09_report"):
+        run_stage(stage, experiment.to_yaml())
+    report = (experiment.experiment_dir / "09_report" / "report.md").read_text()
+    export = experiment.experiment_dir / "04_export"
+    assert f"vllm serve {export / 'checkpoint'} --quantization modelopt_fp4" in report
+    assert f"vllm serve {export / CT_SUBDIR}   # the compressed-tensors copy" in report
+    assert "checked the checkpoint against vLLM's and TensorRT-LLM's ModelOpt loaders" in report

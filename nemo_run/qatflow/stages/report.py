@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from qatflow.artifacts import REPORT, TRAIN_LOG, export_checkpoint
+from qatflow.artifacts import EXPORT_COMPRESSED_TENSORS, REPORT, TRAIN_LOG, export_checkpoint
 from qatflow.manifest import read_manifest
 from qatflow.stage_context import StageContext
 
@@ -63,6 +63,17 @@ def _plot_comparison(rows: list[tuple[str, dict]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def serve_commands(export_format: str, export_dir: Path) -> list[str]:
+    """How engines serve what 04_export wrote, by export.format."""
+    if export_format == "compressed-tensors":
+        return [f"vllm serve {export_dir}          # vLLM reads config.json's compressed-tensors quantization_config"]
+    commands = [f"trtllm-serve {export_dir}          # TensorRT-LLM reads hf_quant_config.json",
+                f"vllm serve {export_dir} --quantization modelopt_fp4"]
+    if export_format == "both":
+        commands.append(f"vllm serve {export_dir.parent / EXPORT_COMPRESSED_TENSORS}   # the compressed-tensors copy")
+    return commands
 
 
 def served_rows(verify: dict) -> tuple[dict | None, dict | None]:
@@ -155,11 +166,14 @@ def run(ctx: StageContext) -> dict:
     ]
     if verify.get("verified"):
         numerics = verify.get("numerics", "float32")
+        checked = ("checked the compressed-tensors checkpoint against the student value by value, reloaded it "
+                   "from disk with transformers + compressed-tensors"
+                   if config.export.format == "compressed-tensors" else
+                   "checked the checkpoint against vLLM's and TensorRT-LLM's ModelOpt loaders, reloaded it from disk")
         lines += [
-            f"05_verify checked the checkpoint against vLLM's and TensorRT-LLM's ModelOpt loaders, reloaded it from "
-            f"disk ({verify['quantized_layers']} NVFP4 layers dequantized from their codes) and compared it with the "
-            f"trained student computed the same way, on the same held-out conversations. Backend and numerics: "
-            f"{numerics}.",
+            f"05_verify {checked} ({verify['quantized_layers']} NVFP4 layers dequantized from their codes) and "
+            f"compared it with the trained student computed the same way, on the same held-out conversations. "
+            f"Backend and numerics: {numerics}.",
             "",
             "| path | numerics | KL(student ‖ export) assistant | KL all tokens | export ppl (assistant) | "
             "export ppl (all) |",
@@ -180,8 +194,7 @@ def run(ctx: StageContext) -> dict:
         "## Serving it",
         "",
         "```bash",
-        f"trtllm-serve {export_dir}          # TensorRT-LLM reads hf_quant_config.json",
-        f"vllm serve {export_dir} --quantization modelopt_fp4",
+        *serve_commands(config.export.format, export_dir),
         "```",
         "",
     ]
