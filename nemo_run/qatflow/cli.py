@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qatflow import paths
+from qatflow import artifacts, paths
 from qatflow.config import BACKENDS, EXECUTORS, ConfigError, FlowConfig, build_config
 from qatflow.stages import STAGE_NAMES
 
@@ -68,7 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(parser, "train-nodes", type=int, help="nodes for training")
     _flag(parser, "tensor-parallelism", type=int, help="tensor-parallel size (nemo backend)")
     _flag(parser, "pipeline-parallelism", type=int, help="pipeline-parallel size (nemo backend)")
-    _flag(parser, "finetune-recipe", help="nemo backend QAT: the model's NeMo finetune recipe (e.g. qwen3_8b)")
     _flag(parser, "nemo-env", choices=("te", "gpu-local", "cpu"),
           help="nemo backend machine: te (NeMo container), gpu-local (GPU without Transformer Engine) or cpu")
     _flag(parser, "backend", choices=BACKENDS, help="hf (transformers + ModelOpt) or nemo (NeMo 2 / megatron-core)")
@@ -98,7 +97,7 @@ def flag_layer(args: argparse.Namespace) -> dict:
         "log_dir": "run.log_dir", "ptq_gpus": "run.ptq_gpus", "train_gpus": "run.train_gpus",
         "train_nodes": "run.train_nodes", "tensor_parallelism": "run.tensor_parallelism",
         "pipeline_parallelism": "run.pipeline_parallelism", "backend": "run.backend", "executor": "run.executor",
-        "device": "run.device", "slurm_profile": "run.slurm_profile", "finetune_recipe": "nemo.finetune_recipe",
+        "device": "run.device", "slurm_profile": "run.slurm_profile",
     }
     layer: dict = {}
     for attribute, dotted in mapping.items():
@@ -145,16 +144,20 @@ def load_config(argv: list[str] | None = None) -> tuple[FlowConfig, argparse.Nam
     input_checks.check_recipe(recipe)
     config = build_config(recipe, flag_layer(args), args.overrides)
     absolutize_paths(config)
+    from qatflow.executors import get_executor
+
+    executor = get_executor(config)
+    executor.check_settings(config)
     input_checks.check_files(config, dry_run=args.dry_run)
     from qatflow.preflight import preflight
 
-    preflight(config)
+    preflight(config, device=executor.job_device(config))
     return config, args
 
 
 def print_results(config: FlowConfig) -> None:
-    export_dir = config.experiment_dir / "04_export" / "checkpoint"
-    report = config.experiment_dir / "09_report" / "report.md"
+    export_dir = artifacts.export_checkpoint(config.experiment_dir)
+    report = artifacts.report_file(config.experiment_dir)
     print(f"\nNVFP4 checkpoint: {export_dir}" if export_dir.exists() else "")
     print(f"report:           {report}" if report.exists() else "")
 

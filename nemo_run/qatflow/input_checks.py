@@ -74,18 +74,6 @@ def check_recipe(recipe: str) -> None:
         name = data.get("inherit") if isinstance(data, dict) else None
 
 
-def check_slurm_profile(config: FlowConfig) -> None:
-    if config.run.executor != "slurm" or not config.run.slurm_profile:
-        return
-    from qatflow.executors.slurm import profile_path
-
-    path = profile_path(config)
-    data = check_yaml_file(path, "--slurm-profile")
-    if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"--slurm-profile {path}: expected a mapping of settings, got {type(data).__name__}; "
-                          f"see slurm/README.md")
-
-
 # ---------------------------------------------------------------------------------------------- log folder
 
 
@@ -464,7 +452,6 @@ def one_line(message: str) -> str:
 def check_files(config: FlowConfig, dry_run: bool = False) -> None:
     """Cheap checks of files named by the settings (run before preflight, which reads some of them).
     A dry run plans from a model's config.json alone, so it does not ask for the weights."""
-    check_slurm_profile(config)
     check_log_dir(config)
     check_model_files(config, dry_run=dry_run)
 

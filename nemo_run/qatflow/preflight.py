@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 from qatflow import paths
-from qatflow.distributed import resolve_device
 from qatflow.model_shape import model_shape
 from qatflow.config import ConfigError, FlowConfig
 
@@ -37,7 +36,8 @@ def check_model_parallel_split(config: FlowConfig, model_path: Path) -> None:
                           f"{shape['layers']}")
 
 
-def preflight(config: FlowConfig) -> None:
+def preflight(config: FlowConfig, device: str) -> None:
+    """`device`: where the stages' jobs compute (the executor's job_device)."""
     name = config.model.name
     packaged = name.startswith(paths.PACKAGE_SCHEME)
     # Resolving a pkg:// name checks that the package holds the file.
@@ -54,26 +54,6 @@ def preflight(config: FlowConfig) -> None:
     if config.run.backend == "nemo":
         check_model_parallel_split(config, model_path)
 
-    if config.run.executor == "slurm":
-        from qatflow.executors.slurm import check_profile
-
-        # The jobs' devices are the cluster's, not this machine's.
-        cluster_device = "cuda" if check_profile(config).gpus else "cpu"
-        if config.run.device == "cuda" and cluster_device == "cpu":
-            raise ConfigError("run.device=cuda but the Slurm profile has gpus: false; use --device cpu or auto")
-        device = cluster_device if config.run.device == "auto" else config.run.device
-    elif config.run.executor == "docker":
-        # The containers' devices: GPUs only where docker.gpus requests them.
-        if config.run.device == "cuda" and not config.docker.gpus:
-            raise ConfigError("run.device=cuda but docker.gpus=false; use --device cpu or auto, or request GPUs "
-                              "with --set docker.gpus=true")
-        device = ("cuda" if config.docker.gpus else "cpu") if config.run.device == "auto" else config.run.device
-        for mount in config.docker.mounts:
-            if not Path(mount.split(":")[0]).exists():
-                raise ConfigError(f"docker.mounts entry {mount!r}: {mount.split(':')[0]} does not exist on this "
-                                  f"machine")
-    else:
-        device = resolve_device(config.run.device)
     from qatflow.memory_plan import check as check_memory
 
     # Settings first, then this machine: a plan that cannot fit is refused whether or not a GPU is here.

@@ -9,6 +9,7 @@ from typing import Any, ClassVar, Optional
 
 from qatflow import lifecycle
 from qatflow.config import FlowConfig
+from qatflow.distributed import resolve_device
 from qatflow.errors import ConfigError
 from qatflow.graph import PlannedStage, pending
 
@@ -20,6 +21,14 @@ class FlowExecutor(ABC):
     name: ClassVar[str]
     # The stages share one machine and run one after another; False: a scheduler starts each once its inputs exist.
     one_at_a_time: ClassVar[bool] = True
+
+    def check_settings(self, config: FlowConfig) -> None:
+        """This executor's own settings and the files they name, checked before the other inputs (which read what
+        they name) and without a cluster or a daemon."""
+
+    def job_device(self, config: FlowConfig) -> str:
+        """Where the stages' jobs compute, cuda or cpu, as the settings say: here, this machine's run.device."""
+        return resolve_device(config.run.device)
 
     def check(self, config: FlowConfig, planned: list[PlannedStage]) -> None:
         """Refuses, before anything is queued or forgotten, what would fail later: here, a stage that another run of

@@ -375,6 +375,19 @@ class DockerFlowExecutor(FlowExecutor):
         # The private folder that hands secrets to the containers, while the run is under way.
         self.secrets_dir: Optional[Path] = None
 
+    def check_settings(self, config: FlowConfig) -> None:
+        for mount in config.docker.mounts:
+            if not Path(mount.split(":")[0]).exists():
+                raise ConfigError(f"docker.mounts entry {mount!r}: {mount.split(':')[0]} does not exist on this "
+                                  f"machine")
+
+    def job_device(self, config: FlowConfig) -> str:
+        # The containers' devices: GPUs only where docker.gpus requests them.
+        if config.run.device == "cuda" and not config.docker.gpus:
+            raise ConfigError("run.device=cuda but docker.gpus=false; use --device cpu or auto, or request GPUs "
+                              "with --set docker.gpus=true")
+        return ("cuda" if config.docker.gpus else "cpu") if config.run.device == "auto" else config.run.device
+
     def check(self, config: FlowConfig, planned: list[PlannedStage]) -> None:
         super().check(config, planned)
         self.image_id = check_daemon(config, pending(planned))

@@ -29,6 +29,7 @@ from qatflow.config import FlowConfig, check_secret_names
 from qatflow.errors import ConfigError
 from qatflow.executors.base import FlowExecutor, code_packager
 from qatflow.graph import GPU_JOB_ENV, JOB_ENV, PlannedStage, StageExecutor, add_tasks, pending
+from qatflow.input_checks import check_yaml_file
 from qatflow.manifest import is_complete
 from qatflow.stages import BY_NAME, fingerprints
 
@@ -703,6 +704,20 @@ class SlurmFlowExecutor(FlowExecutor):
         if self._profile is None:
             self._profile = load_profile(config)
         return self._profile
+
+    def check_settings(self, config: FlowConfig) -> None:
+        path = profile_path(config) if config.run.slurm_profile else None
+        data = check_yaml_file(path, "--slurm-profile") if path else None
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"--slurm-profile {path}: expected a mapping of settings, got {type(data).__name__}; "
+                              f"see slurm/README.md")
+
+    def job_device(self, config: FlowConfig) -> str:
+        # The jobs' devices are the cluster's, not this machine's.
+        cluster_device = "cuda" if check_profile(config).gpus else "cpu"
+        if config.run.device == "cuda" and cluster_device == "cpu":
+            raise ConfigError("run.device=cuda but the Slurm profile has gpus: false; use --device cpu or auto")
+        return cluster_device if config.run.device == "auto" else config.run.device
 
     def check(self, config: FlowConfig, planned: list[PlannedStage]) -> None:
         super().check(config, planned)
