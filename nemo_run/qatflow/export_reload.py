@@ -52,6 +52,17 @@ def load_state(export_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def tensors_named(export_dir: Path, suffixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint whose names end with one of `suffixes` (scales, say), without reading the rest."""
+    from safetensors import safe_open
+
+    found: dict[str, torch.Tensor] = {}
+    for file in sorted(export_dir.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as handle:
+            found.update({name: handle.get_tensor(name) for name in handle.keys() if name.endswith(suffixes)})
+    return found
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

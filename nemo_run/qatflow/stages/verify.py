@@ -40,6 +40,7 @@ from qatflow.backends.hf.compressed_tensors_export import (CompressedTensorsErro
 from qatflow.backends.shared.modeling import DTYPES
 from qatflow.evaluation import score
 from qatflow.export_reload import (ExportFormatError, check_export, fp32_accumulating_linears, load_exported_model,
+                                   tensors_named,
                                    served_student)
 from qatflow.stage_context import StageContext
 from qatflow.tokens import read_split, tokenize_split
@@ -83,13 +84,8 @@ def true_fp32_matmuls():
 
 def input_scale_mismatches(student_scales: dict[str, torch.Tensor], export_dir: Path) -> list[str]:
     """Exported input_scales that are not the global scale the student computes with, or that are missing."""
-    from safetensors import safe_open
-
-    exported: dict[str, torch.Tensor] = {}
-    for file in sorted(export_dir.glob("*.safetensors")):  # the scales only, not the whole checkpoint again
-        with safe_open(str(file), "pt") as handle:
-            exported.update({name[: -len(".input_scale")]: handle.get_tensor(name) for name in handle.keys()
-                             if name.endswith(".input_scale")})
+    exported = {name[: -len(".input_scale")]: value  # the scales only, not the whole checkpoint again
+                for name, value in tensors_named(export_dir, (".input_scale",)).items()}
     found = []
     for layer, expected in sorted(student_scales.items()):
         value = exported.get(layer)

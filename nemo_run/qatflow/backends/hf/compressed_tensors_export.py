@@ -22,12 +22,11 @@ from pathlib import Path
 
 import torch
 
+from qatflow.export_reload import BLOCK_SIZE, FUSED_GROUPS, ExportFormatError, load_state, tensors_named
+
 QUANT_METHOD = "compressed-tensors"
 CT_FORMAT = "nvfp4-pack-quantized"
-BLOCK_SIZE = 16
 GLOBAL_SCALES = ("weight_global_scale", "input_global_scale")
-# Layers a serving engine fuses into one GEMM, so they must share one global scale.
-FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 class CompressedTensorsError(ValueError):
@@ -36,14 +35,10 @@ class CompressedTensorsError(ValueError):
 
 
 def _state(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    state: dict[str, torch.Tensor] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        state.update(load_file(file))
-    if not state:
-        raise CompressedTensorsError(f"{folder}: no safetensors files")
-    return state
+    try:
+        return load_state(folder)
+    except ExportFormatError as error:
+        raise CompressedTensorsError(str(error)) from None
 
 
 def eager():
@@ -225,12 +220,7 @@ def student_global_scales(student) -> dict[str, torch.Tensor]:
 
 def global_scale_mismatches(export_dir: Path, expected: dict[str, torch.Tensor]) -> list[str]:
     """Exported global scales that are not exactly `expected` (student_global_scales), missing, or extra."""
-    from safetensors import safe_open
-
-    exported: dict[str, torch.Tensor] = {}
-    for file in sorted(export_dir.glob("*.safetensors")):  # the scales only
-        with safe_open(str(file), "pt") as handle:
-            exported.update({name: handle.get_tensor(name) for name in handle.keys() if name.endswith(GLOBAL_SCALES)})
+    exported = tensors_named(export_dir, GLOBAL_SCALES)  # the scales only
     found = []
     for name, value in sorted(expected.items()):
         have = exported.get(name)
