@@ -407,8 +407,10 @@ def test_stages_run_in_their_containers_and_write_to_the_host(two_stages):
     assert not two_stages["secrets_left"]  # the private folder is gone
 
 
-def test_ctrl_c_removes_the_running_stage_container(two_stages, qatflow_image):
-    """The flow from the command line goes on with 02_ptq; Ctrl-C while it runs removes its container at once."""
+@pytest.mark.parametrize("stop, code, said", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "SIGTERM")])
+def test_a_stop_signal_removes_the_running_stage_container(two_stages, qatflow_image, stop, code, said):
+    """The flow from the command line goes on with 02_ptq; Ctrl-C (or SIGTERM, as a scheduler or `timeout` sends)
+    while it runs removes its container at once."""
     driver = subprocess.Popen([sys.executable, str(REPO / "nemo_run" / "nemo_qat_flow.py"), *two_stages["argv"]],
                               cwd=REPO, env={**two_stages["env"], "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
@@ -420,14 +422,14 @@ def test_ctrl_c_removes_the_running_stage_container(two_stages, qatflow_image):
             if "[02_ptq" in line and "starting" in line or time.time() > deadline:
                 break
         assert any("[02_ptq" in line and "starting" in line for line in seen), "".join(seen[-60:])
-        driver.send_signal(signal.SIGINT)
+        driver.send_signal(stop)
         output, _ = driver.communicate(timeout=120)
     finally:
         if driver.poll() is None:
             driver.kill()
     output = "".join(seen) + output
-    assert driver.returncode == 130, output[-4000:]
-    assert "interrupted: removing the running stage's container" in output
+    assert driver.returncode == code, output[-4000:]
+    assert f"{said}: removing the running stage's container" in output
     assert "[00_data" not in output  # complete stages did not run again
     left = _docker(two_stages["env"], "ps", "--all", "--quiet", "--filter", f"ancestor={qatflow_image}")
     assert left.returncode == 0 and not left.stdout.strip(), left.stdout

@@ -23,6 +23,7 @@ from typing import Iterator, Optional
 
 import nemo_run as run
 
+from qatflow import lifecycle
 from qatflow.config import FlowConfig
 from qatflow.errors import ConfigError
 from qatflow.executors.base import FlowExecutor, code_packager
@@ -311,7 +312,7 @@ def run_stages(config: FlowConfig, planned: list[PlannedStage], stage_executor: 
         try:
             with open_experiment(config) as experiment:
                 add_tasks(experiment, config, planned, stage_executor)
-                with _stop_on_interrupt(experiment):
+                with _stop_on_signals(experiment):
                     experiment.run(detach=False, tail_logs=True)
         except DockerException as error:  # a container the daemon would not start; the stages after it never ran
             print(f"error: the Docker daemon refused a stage's container: {_reason(error)}", file=sys.stderr)
@@ -326,15 +327,21 @@ def run_stages(config: FlowConfig, planned: list[PlannedStage], stage_executor: 
 
 
 @contextmanager
-def _stop_on_interrupt(experiment) -> Iterator[None]:
-    """Ctrl-C reaches this process, not the container, and nemo_run would go on waiting for the stage: cancel its
-    container (nemo_run then records the stage as failed), launch nothing more, and exit 130."""
+def _stop_on_signals(experiment) -> Iterator[None]:
+    """Ctrl-C, SIGTERM or SIGHUP reach this process, not the container, and nemo_run would go on waiting for the
+    stage: cancel its container (nemo_run then records the stage as failed), launch nothing more, and exit 128 +
+    the signal's number."""
 
     from torchx.specs.api import is_terminal
 
+    received: list[int] = []
+
     def stop(signum, frame):
-        signal.signal(signal.SIGINT, previous)  # a second Ctrl-C leaves at once
-        print("\ninterrupted: removing the running stage's container", file=sys.stderr, flush=True)
+        for number, handler in previous.items():  # a second signal leaves at once
+            signal.signal(number, handler)
+        received.append(signum)
+        what = "interrupted" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{what}: removing the running stage's container", file=sys.stderr, flush=True)
         for job in experiment.jobs:
             if job.launched and not is_terminal(job.state):  # finished stages keep their records
                 experiment.cancel(job.id)
@@ -343,13 +350,14 @@ def _stop_on_interrupt(experiment) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():  # only the main thread may handle signals
         yield
         return
-    previous = signal.signal(signal.SIGINT, stop)
+    previous = {number: signal.signal(number, stop) for number in lifecycle.STOP_SIGNALS}
     try:
         yield
     except KeyboardInterrupt:
-        raise SystemExit(130) from None
+        raise SystemExit(128 + (received[0] if received else signal.SIGINT)) from None
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def stage_log(config: FlowConfig, stage: str) -> Optional[Path]:
