@@ -40,11 +40,9 @@ from qatflow.backends.hf.compressed_tensors_export import (CompressedTensorsErro
 from qatflow.backends.shared.modeling import DTYPES
 from qatflow.evaluation import score
 from qatflow.export_reload import (ExportFormatError, check_export, fp32_accumulating_linears, load_exported_model,
-                                   tensors_named,
-                                   served_student)
+                                   served_student, tensors_named)
 from qatflow.stage_context import StageContext
 from qatflow.tokens import read_split, tokenize_split
-
 
 
 class VerifyError(RuntimeError):
