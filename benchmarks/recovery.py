@@ -3,7 +3,8 @@
 Runs the flow's stages in this process (as benchmarks/run_stages_inprocess.py) once per (method, steps) or per
 (variant, steps), reusing the data, import, PTQ and their evaluations of the first run (and its teacher cache),
 and prints perplexity, KL to the full-precision model, the share of the PTQ gap each run closed, and the export's
-KL to its student.
+KL to its student. A second table scores the models as served (export.dtype, NVFP4 weights and activations, and
+weight-only): each run's export from 05_verify, and the PTQ model through the same served numerics (hf backend).
 
     python benchmarks/recovery.py --recipe R.yaml --log-dir /tmp/rec --steps 48 190 760 --methods qad qat [--set ...]
     python benchmarks/recovery.py --recipe R.yaml --log-dir /tmp/rec --steps 190 \
@@ -25,10 +26,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "nemo_run"))
 
+import torch  # noqa: E402
+
+from qatflow.backends import get_backend  # noqa: E402
+from qatflow.backends.shared.modeling import DTYPES  # noqa: E402
 from qatflow.cli import load_config  # noqa: E402
+from qatflow.evaluation import score  # noqa: E402
+from qatflow.export_reload import fp32_accumulating_linears, served_student  # noqa: E402
 from qatflow.stages import STAGE_NAMES  # noqa: E402
-from qatflow.stages.report import gap_closed  # noqa: E402
+from qatflow.stages.report import gap_closed, served_rows  # noqa: E402
 from qatflow.stages.runner import run_stage  # noqa: E402
+from qatflow.tokens import read_split, tokenize_split  # noqa: E402
 
 SHARED = ("00_data", "01_import", "02_ptq", "06_eval_bf16", "07_eval_ptq")
 
@@ -51,6 +59,38 @@ def row(name: str, first: Path, experiment: Path) -> str:
     return (f"| {name} | {train['tokens_seen'] / 1e6:.2f}M | {m['ppl_assistant']:.2f} | {m['ppl_all']:.2f} | "
             f"{m['kl_assistant']:.3f} | {m['kl_all']:.3f} | {100 * ppl_closed:.0f}% | {100 * kl_closed:.0f}% | "
             f"{train['seconds']:.0f} | {verify.get('kl_assistant', float('nan')):.2e} |")
+
+
+def ptq_as_served(config, first: Path) -> dict[str, dict]:
+    """The PTQ model scored as its export would be served (W4A4 and W4A16 in export.dtype) against the
+    full-precision model, as 05_verify scores an export: the served baseline of the gaps below. hf backend."""
+    backend = get_backend(config.run.backend)
+    device = backend.device_of(config)
+    full, tokenizer = backend.load_model(first / "01_import", config, device)
+    records = read_split(first / "00_data", "validation", config.eval.num_samples)
+    items = tokenize_split(tokenizer, records, config.eval.seq_len, "validation")
+    rows = {}
+    for path, activations in (("W4A4", True), ("W4A16", False)):
+        model, _ = backend.load_model(first / "02_ptq", config, device)
+        model = served_student(model, DTYPES[config.export.dtype], activations=activations)
+        with fp32_accumulating_linears(device), backend.scoring_forwards(model, full):
+            rows[path] = score(model, items, config.eval.batch_size, tokenizer.pad_token_id, device, torch.float32,
+                               reference=full)
+        del model
+    return rows
+
+
+def served_row(name: str, ptq: dict[str, dict], verify: dict) -> str:
+    """The export as served (from 05_verify) against the served PTQ model: W4A4, then W4A16."""
+    cells = []
+    for path, measured in zip(("W4A4", "W4A16"), served_rows(verify)):
+        if measured is None:
+            cells += ["", "", ""]
+            continue
+        closed = gap_closed(0.0, ptq[path]["kl_assistant"], measured["kl_assistant"]) if path in ptq else None
+        cells += [f"{measured['ppl_assistant']:.2f}", f"{measured['kl_assistant']:.3g}",
+                  "" if closed is None else f"{100 * closed:.0f}%"]
+    return f"| {name} | " + " | ".join(cells) + " |"
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -85,7 +125,7 @@ def main() -> int:
     else:
         runs = [(method, ["train.method=" + method]) for method in args.methods]
     first: Path | None = None
-    lines = []
+    lines, served_lines = [], []
     for label, settings in runs:
         for steps in args.steps:
             sets = [arg for item in [*settings, f"train.steps={steps}"] for arg in ("--set", item)]
@@ -105,6 +145,7 @@ def main() -> int:
             if own_ptq != metrics(first, "07_eval_ptq"):  # the variant changed PTQ (e.g. ptq.exclude)
                 lines.append(ptq_row(f"NVFP4 PTQ {label}", own_ptq))
             lines.append(row(name, first, experiment))
+            served_lines.append((name, metrics(experiment, "05_verify")))
             print(f"finished {label} {steps} steps in {time.time() - started:.0f} s\n{lines[-1]}", flush=True)
     assert first is not None
     print("\n| model | training tokens | ppl (assistant) | ppl (all) | KL (assistant) | KL (all) | "
@@ -113,6 +154,18 @@ def main() -> int:
     for name, m in (("full precision", metrics(first, "06_eval_bf16")), ("NVFP4 PTQ", metrics(first, "07_eval_ptq"))):
         print(ptq_row(name, m))
     print("\n".join(lines))
+    ptq = ptq_as_served(config, first) if config.run.backend == "hf" else {}
+    print(f"\nAs served ({config.export.dtype}; W4A4: NVFP4 weights and activations, W4A16: weights only), KL to the "
+          f"full-precision model; gaps closed against the PTQ model computed the same way\n")
+    print("| model | W4A4 ppl (assistant) | W4A4 KL (assistant) | W4A4 KL gap closed | "
+          "W4A16 ppl (assistant) | W4A16 KL (assistant) | W4A16 KL gap closed |")
+    print("|---|---|---|---|---|---|---|")
+    if ptq:
+        cells = [cell for p in ("W4A4", "W4A16") for cell in (f"{ptq[p]['ppl_assistant']:.2f}",
+                                                               f"{ptq[p]['kl_assistant']:.3g}", "")]
+        print("| NVFP4 PTQ | " + " | ".join(cells) + " |")
+    for name, verify in served_lines:
+        print(served_row(name, ptq, verify))
     return 0
 
 

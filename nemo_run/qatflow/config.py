@@ -94,6 +94,10 @@ class TrainConfig:
     teacher_cache_topk: Optional[int] = None
     # NVFP4 fake quant through ModelOpt's own kernel without its per-call Python wrappers (same numbers).
     lean_fake_quant: bool = True
+    # hf backend: the student's forward computes as its export is served (embeddings, norms and residual stream in
+    # export.dtype, fp32 master weights updated), on CPU too; off: bf16 autocast over fp32 weights on GPU, fp32 on
+    # CPU. The nemo backend's bf16-mixed forward is always in bf16.
+    served_forward: bool = False
     checkpoint_every: int = 50
     # Resumable checkpoints (weights + optimizer state, ~16 bytes per parameter) kept in the work folder; deleted
     # once the stage commits. 1 suffices to resume (each is written whole before the previous one goes).
@@ -392,6 +396,9 @@ def validate(config: FlowConfig) -> None:
             raise ConfigError(f"export.format={config.export.format} needs export.dtype=bfloat16 (compressed-tensors "
                               f"computes NVFP4 weights in bfloat16); set export.dtype=bfloat16 or "
                               f"export.format=modelopt")
+    if config.train.served_forward and config.export.dtype == "float16":
+        raise ConfigError("train.served_forward with export.dtype=float16 would need loss scaling, which the hf "
+                          "trainer does not do; use export.dtype=bfloat16 or train.served_forward=false")
     if not config.verify.max_kl >= 0:
         raise ConfigError(f"verify.max_kl={config.verify.max_kl} must be at least 0 (nats/token)")
     if config.run.backend == "nemo":

@@ -1,7 +1,7 @@
 """03_train for the hf backend: QAD (logit KL to the full-precision teacher) or QAT (cross-entropy).
 
 The student keeps fp32 master weights (bf16 weights drop most Adam updates of this size); on GPU the forward
-runs under bf16 autocast. NVFP4 fake quantization runs ModelOpt's kernels through lean forwards (lean_quant).
+runs under bf16 autocast, or, with train.served_forward, as the export is served (served_forward). NVFP4 fake quantization runs ModelOpt's kernels through lean forwards (lean_quant).
 Losses count assistant tokens only and are computed on those positions alone, in fp32 chunks (distill). The
 teacher runs at every step, or once over the training set when train.teacher_cache_topk caches its top-k
 (teacher_cache). Checkpoints in the stage's work folder (the last `train.keep_checkpoints`, with optimizer state)
@@ -27,6 +27,7 @@ from qatflow.artifacts import TRAIN_LOG
 from qatflow.backends.hf import teacher_cache
 from qatflow.backends.hf.distill import supervised_rows, token_loss
 from qatflow.backends.hf.lean_quant import lean_fake_quant
+from qatflow.backends.hf.served_forward import served_logits
 from qatflow.backends.shared.modeling import (DTYPES, compute_dtype, device_of, load_model, load_tokenizer,
                                           save_model, stage_model_dir)
 from qatflow.chat import TokenizedConversation
@@ -165,8 +166,11 @@ def _micro_step(student, teacher, batch: Batch, rows: torch.Tensor, targets: tor
     """Forward and backward of one micro batch; losses are scaled to the mean over the whole step's tokens."""
     train_cfg = config.train
     use_autocast = batch.input_ids.device.type == "cuda" and autocast_dtype != torch.float32
-    with torch.autocast("cuda", dtype=autocast_dtype, enabled=use_autocast):
-        logits = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    if train_cfg.served_forward:
+        logits = served_logits(student, DTYPES[config.export.dtype], batch.input_ids, batch.attention_mask)
+    else:
+        with torch.autocast("cuda", dtype=autocast_dtype, enabled=use_autocast):
+            logits = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     if train_cfg.method == "qad":
         if signal is None:  # live teacher
             with torch.no_grad(), torch.autocast("cuda", dtype=autocast_dtype, enabled=use_autocast):
