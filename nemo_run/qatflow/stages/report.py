@@ -86,7 +86,9 @@ def served_rows(verify: dict) -> tuple[dict | None, dict | None]:
                 "kl_assistant": metrics["kl_full_assistant"], "kl_all": metrics["kl_full_all"]}
 
     served = row(verify, "served_" if "served_ppl_assistant" in verify else "")
-    weight_only = row(verify["w4a16"]) if isinstance(verify.get("w4a16"), dict) else None
+    # nemo backend: 05_verify's own W4A16 comparison is in fp32; the weight-only export as served is apart
+    weight_only_metrics = verify.get("served_w4a16", verify.get("w4a16"))
+    weight_only = row(weight_only_metrics) if isinstance(weight_only_metrics, dict) else None
     return served, weight_only
 
 

@@ -208,6 +208,14 @@ def run(ctx: StageContext) -> dict:
         result.update({"served_ppl_assistant": as_served["ppl_assistant"], "served_ppl_all": as_served["ppl_all"],
                        "kl_full_assistant": as_served["kl_assistant"], "kl_full_all": as_served["kl_all"]})
         del served_model
+        if isinstance(result.get("w4a16"), dict):  # the weight-only path as served too, for the report's W4A16 row
+            served_model, _ = load_exported_model(export_dir, device, served, activations=False)
+            weight_only = _score(ctx, items, device, served_model, tokenizer, full, None)
+            result["served_w4a16"] = {"ppl_assistant": weight_only["ppl_assistant"],
+                                      "ppl_all": weight_only["ppl_all"],
+                                      "kl_full_assistant": weight_only["kl_assistant"],
+                                      "kl_full_all": weight_only["kl_all"]}
+            del served_model
     result["served"] = f"{config.export.dtype} W4A4" if quantized else config.export.dtype
     return result
 
