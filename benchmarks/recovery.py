@@ -32,7 +32,8 @@ from qatflow.backends import get_backend  # noqa: E402
 from qatflow.backends.shared.modeling import DTYPES  # noqa: E402
 from qatflow.cli import load_config  # noqa: E402
 from qatflow.evaluation import score  # noqa: E402
-from qatflow.export_reload import fp32_accumulating_linears, served_student  # noqa: E402
+from qatflow.export_reload import served_student  # noqa: E402
+from qatflow.half_linear_cpu import fp32_accumulating_linears  # noqa: E402
 from qatflow.stages import STAGE_NAMES  # noqa: E402
 from qatflow.stages.report import gap_closed, served_rows  # noqa: E402
 from qatflow.stages.runner import run_stage  # noqa: E402

@@ -20,7 +20,8 @@ from qatflow.backends import get_backend  # noqa: E402
 from qatflow.backends.hf.served_forward import served_logits  # noqa: E402
 from qatflow.backends.shared.modeling import DTYPES  # noqa: E402
 from qatflow.cli import load_config  # noqa: E402
-from qatflow.export_reload import fp32_accumulating_linears, served_student  # noqa: E402
+from qatflow.export_reload import served_student  # noqa: E402
+from qatflow.half_linear_cpu import fp32_accumulating_linears  # noqa: E402
 from qatflow.tokens import collate, read_split, tokenize_split  # noqa: E402
 
 

@@ -11,7 +11,8 @@ import torch
 
 from qatflow.backends.hf.lean_quant import lean_fake_quant
 from qatflow.backends.hf.served_forward import served_logits
-from qatflow.export_reload import fp32_accumulating_linears, served_student
+from qatflow.export_reload import served_student
+from qatflow.half_linear_cpu import fp32_accumulating_linears
 
 
 @pytest.fixture(scope="module")

@@ -39,8 +39,8 @@ from qatflow.backends.hf.compressed_tensors_export import (CompressedTensorsErro
                                                            weight_mismatches)
 from qatflow.backends.shared.modeling import DTYPES
 from qatflow.evaluation import score
-from qatflow.export_reload import (ExportFormatError, check_export, fp32_accumulating_linears, load_exported_model,
-                                   served_student, tensors_named)
+from qatflow.export_reload import ExportFormatError, check_export, load_exported_model, served_student, tensors_named
+from qatflow.half_linear_cpu import fp32_accumulating_linears
 from qatflow.stage_context import StageContext
 from qatflow.tokens import read_split, tokenize_split
 

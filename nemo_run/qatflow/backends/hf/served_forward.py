@@ -10,8 +10,8 @@ weight quantizer first) for the length of one call: the fp32 masters still recei
 updates them, as Megatron's bf16-mixed training does. 05_verify's served student (export_reload.served_student)
 computes the same numbers from the saved weights.
 
-On CPU the Linears multiply their bf16 operands in fp32 and round the result to bf16 (export_reload's
-fp32_accumulating_linears, what 05_verify computes there), as a GPU's tensor cores do.
+On CPU the Linears multiply their bf16 operands in fp32 and round the result to bf16 (the compatibility module
+half_linear_cpu, what 05_verify computes there), as a GPU's tensor cores do.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Iterator
 import torch
 from torch.func import functional_call
 
-from qatflow.export_reload import fp32_accumulating_linears
+from qatflow.half_linear_cpu import fp32_accumulating_linears
 
 
 def served_parameters(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
