@@ -142,11 +142,10 @@ class VerifyConfig:
 @dataclass
 class NemoConfig:
     """Settings of the nemo backend. What NeMo defaults to GPU / Transformer Engine is a setting here: a machine
-    without Transformer Engine needs layer_spec local and fusions off; a CPU also accelerator cpu, precision 32,
-    ckpt_async_save and use_distributed_optimizer off."""
+    without Transformer Engine needs layer_spec local and fusions off; a CPU (run.device=cpu) also precision 32,
+    ckpt_async_save and use_distributed_optimizer off. The device is run.device's, as for the hf backend."""
 
     model_class: str = "LlamaModel"  # nemo.collections.llm.<model_class>
-    accelerator: str = "gpu"
     precision: str = "bf16-mixed"
     sequence_parallel: Optional[bool] = None  # None: on exactly when tensor_parallelism > 1
     ckpt_async_save: bool = True
@@ -164,6 +163,8 @@ class RunConfig:
     executor: str = "local"
     experiment: str = "qat_flow_ckpts"
     log_dir: str = "logs"
+    # Where every stage computes, on either backend: cuda, cpu, or auto (the GPU where the job has one). The nemo
+    # backend's settings are for GPUs unless run.device=cpu, its CPU rehearsal: with auto it plans GPU jobs.
     device: str = "auto"
     ptq_gpus: int = 1
     train_gpus: int = 1
@@ -238,7 +239,22 @@ class FlowConfig:
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# Settings that no longer exist, and what replaced them: an old recipe or --set gets this instead of "not in struct".
+REMOVED = {
+    "nemo.accelerator": "run.device decides the device of both backends; delete nemo.accelerator (where it was "
+                        "cpu, use --device cpu or --nemo-env cpu)",
+}
+
+
+def _refuse_removed(layers: list[dict], source: str) -> None:
+    for dotted, instead in REMOVED.items():
+        section, key = dotted.split(".")
+        if any(isinstance(layer.get(section), dict) and key in layer[section] for layer in layers):
+            raise ConfigError(f"{source}: {dotted} was removed: {instead}")
+
+
 def _merge(layers: list[dict], source: str) -> FlowConfig:
+    _refuse_removed(layers, source)
     schema = OmegaConf.structured(FlowConfig)
     try:
         merged = OmegaConf.merge(schema, *layers)
@@ -301,7 +317,6 @@ def _choice(value: str, choices: tuple[str, ...], name: str) -> None:
 
 def _validate_nemo(config: FlowConfig) -> None:
     nemo, run = config.nemo, config.run
-    _choice(nemo.accelerator, ("gpu", "cpu"), "nemo.accelerator")
     _choice(nemo.precision, ("bf16-mixed", "16-mixed", "32"), "nemo.precision")
     _choice(nemo.layer_spec, ("te", "local"), "nemo.layer_spec")
     _choice(nemo.export_checkpoint, ("last", "best"), "nemo.export_checkpoint")
