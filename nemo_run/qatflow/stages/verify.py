@@ -42,6 +42,7 @@ from qatflow.evaluation import score
 from qatflow.export_reload import (ExportFormatError, check_export, fp32_accumulating_linears, load_exported_model,
                                    served_student, tensors_named)
 from qatflow.stage_context import StageContext
+from qatflow.stage_results import VerifyResult
 from qatflow.tokens import read_split, tokenize_split
 
 
@@ -122,7 +123,12 @@ def _score(ctx, items, device, model, tokenizer, reference, references) -> dict:
                      reference=reference, log=ctx.log, references=references)
 
 
-def run(ctx: StageContext) -> dict:
+def run(ctx: StageContext) -> VerifyResult:
+    """The checks and scores below build the manifest's mapping; the stage returns it typed."""
+    return VerifyResult.from_dict(_verify(ctx))
+
+
+def _verify(ctx: StageContext) -> dict:
     config = ctx.config
     backend = get_backend(config.run.backend)
     device = backend.device_of(config)

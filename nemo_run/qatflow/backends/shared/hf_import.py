@@ -69,5 +69,6 @@ def import_model(ctx: StageContext) -> dict:
         (target / "tokenizer.model").unlink(missing_ok=True)
     parameters = sum(p.numel() for p in model.parameters())
     ctx.log(f"saved {parameters / 1e6:.1f}M parameters to {target}")
-    return {"source": config.model.name, "revision": config.model.revision, "parameters": parameters,
-            "dtype": config.model.dtype, "architecture": model.config.architectures[0], "eos_token": tokenizer.eos_token}
+    revision = {"revision": config.model.revision} if config.model.revision else {}
+    return {"source": config.model.name, **revision, "parameters": parameters, "dtype": config.model.dtype,
+            "architecture": model.config.architectures[0], "eos_token": tokenizer.eos_token}
