@@ -127,6 +127,9 @@ class ExportResult(StageResult):
     quant_algo: Optional[str]
     exclude_modules: list[str]
     kv_cache_quant_algo: Optional[str]
+    # hf backend, export.format other than modelopt: the format, and the compressed-tensors checkpoint written.
+    format: Optional[str] = optional()
+    compressed_tensors: Optional[dict[str, Any]] = optional()
 
 
 # ---- scores of the evaluation harness (qatflow.evaluation.score) -------------------------------------------------
