@@ -36,6 +36,7 @@ from qatflow.export_reload import served_student  # noqa: E402
 from qatflow.half_linear_cpu import fp32_accumulating_linears  # noqa: E402
 from qatflow.stages import STAGE_NAMES  # noqa: E402
 from qatflow.stages.report import gap_closed, served_rows  # noqa: E402
+from qatflow.stage_results import VerifyResult  # noqa: E402
 from qatflow.stages.runner import run_stage  # noqa: E402
 from qatflow.tokens import read_split, tokenize_split  # noqa: E402
 
@@ -84,12 +85,12 @@ def ptq_as_served(config, first: Path) -> dict[str, dict]:
 def served_row(name: str, ptq: dict[str, dict], verify: dict) -> str:
     """The export as served (from 05_verify) against the served PTQ model: W4A4, then W4A16."""
     cells = []
-    for path, measured in zip(("W4A4", "W4A16"), served_rows(verify)):
+    for path, measured in zip(("W4A4", "W4A16"), served_rows(VerifyResult.from_dict(verify))):
         if measured is None:
             cells += ["", "", ""]
             continue
-        closed = gap_closed(0.0, ptq[path]["kl_assistant"], measured["kl_assistant"]) if path in ptq else None
-        cells += [f"{measured['ppl_assistant']:.2f}", f"{measured['kl_assistant']:.3g}",
+        closed = gap_closed(0.0, ptq[path]["kl_assistant"], measured.kl_assistant) if path in ptq else None
+        cells += [f"{measured.ppl_assistant:.2f}", f"{measured.kl_assistant:.3g}",
                   "" if closed is None else f"{100 * closed:.0f}%"]
     return f"| {name} | " + " | ".join(cells) + " |"
 

@@ -199,18 +199,19 @@ def test_compressed_tensors_alone_is_the_stage_checkpoint(experiment, tmp_path):
     config = dataclasses.replace(experiment, export=dataclasses.replace(experiment.export, format="compressed-tensors"))
     out = tmp_path / "04_export"
     out.mkdir()
-    metrics = export_stage.run(StageContext(
+    exported = export_stage.run(StageContext(
         config=config, stage="04_export", out_dir=out, final_dir=out, work_dir=tmp_path / "w4",
         inputs={stage: experiment.experiment_dir / stage for stage in ("01_import", "03_train")}))
     assert sorted(path.name for path in out.iterdir()) == ["checkpoint"]
-    assert metrics["format"] == "compressed-tensors" and metrics["compressed_tensors"]["quantized_layers"] == 11
+    assert exported.format == "compressed-tensors" and exported.compressed_tensors is not None
+    assert exported.compressed_tensors["quantized_layers"] == 11
     assert torch.equal(_state(out / "checkpoint")["model.layers.1.mlp.down_proj.weight_packed"],
                        _state(experiment.experiment_dir / "04_export" / CT_SUBDIR)[
                            "model.layers.1.mlp.down_proj.weight_packed"])
     verify = _verify_with(config, tmp_path, out)
     both = _metrics(experiment, "05_verify")["compressed_tensors"]
-    assert verify["kl_all"] == both["kl_all"] and verify["w4a16"]["kl_all"] == 0.0, verify
-    assert verify["served"] == "bfloat16 W4A4" and "kl_full_assistant" in verify  # what 09_report reads
+    assert verify.kl_all == both["kl_all"] and verify.w4a16 is not None and verify.w4a16.kl_all == 0.0, verify
+    assert verify.served == "bfloat16 W4A4" and verify.kl_full_assistant is not None  # what 09_report reads
 
 
 @pytest.mark.parametrize("overrides, needle", [

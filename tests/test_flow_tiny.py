@@ -50,6 +50,7 @@ def test_tiny_flow_end_to_end_then_rerun_skips(tiny_recipe, tmp_path):
     ptq, trained = (_manifest(experiment, s)["metrics"] for s in ("07_eval_ptq", "08_eval_trained"))
     assert ptq["kl_assistant"] > 0 and trained["kl_assistant"] < ptq["kl_assistant"]  # QAD moved toward the teacher
     assert f"NVFP4 checkpoint: {checkpoint}" in result.stdout
+    _assert_results_read_back_as_written(experiment)
 
     train_timings = _manifest(experiment, "03_train")["timings"]
     started = time.time()
@@ -58,6 +59,18 @@ def test_tiny_flow_end_to_end_then_rerun_skips(tiny_recipe, tmp_path):
     assert "every stage is complete" in again.stdout
     assert time.time() - started < 30
     assert _manifest(experiment, "03_train")["timings"] == train_timings
+
+
+def _assert_results_read_back_as_written(experiment: Path) -> None:
+    """Each stage's manifest holds its typed result, which reads back to the same mapping."""
+    from qatflow.stage_results import RESULTS, VerifyResult, read_result
+
+    for stage in STAGE_NAMES:
+        metrics = _manifest(experiment, stage)["metrics"]
+        assert RESULTS[stage].from_dict(metrics).to_dict() == metrics, stage
+    verify = read_result(experiment / "05_verify", VerifyResult)
+    assert verify.w4a16 is not None and verify.w4a16.numerics.startswith("bfloat16 W4A16")
+    assert verify.kl_full_assistant is not None and verify.served == "bfloat16 W4A4"
 
 
 def _assert_weights_only_and_no_checkpoints_left(experiment: Path) -> None:

@@ -15,7 +15,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
                     "qatflow.datasets_public", "qatflow.data", "qatflow.chat", "qatflow.tokens",
                     "qatflow.distributed", "qatflow.rank_zero", "qatflow.experiment", "qatflow.nvfp4_cpu",
                     "qatflow.half_linear_cpu", "qatflow.model_shape", "qatflow.manifest", "qatflow.lifecycle",
-                    "qatflow.stage_context", "qatflow.artifacts")),
+                    "qatflow.stage_context", "qatflow.stage_results", "qatflow.artifacts")),
     ("numerics", ("qatflow.evaluation", "qatflow.export_reload")),
     ("backends", ("qatflow.backends",)),
     ("stages", ("qatflow.stages",)),

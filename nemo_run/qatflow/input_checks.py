@@ -219,27 +219,27 @@ def check_hub_ids(config: FlowConfig, dry_run: bool = False) -> None:
     """The model and tokenizer named by hub ids, for 01_import."""
     for name, setting in ((config.model.name, "--model-name"), (config.model.hf_tokenizer, "--hf-tokenizer")):
         if name and not name.startswith(paths.PACKAGE_SCHEME) and not _is_path_like(name):
-            check_hub_id(name, setting, dry_run)
+            check_hub_id(name, setting, dry_run, config.model.revision)
 
 
-def check_hub_id(name: str, setting: str, dry_run: bool = False) -> None:
+def check_hub_id(name: str, setting: str, dry_run: bool = False, revision: str | None = None) -> None:
     """A hub id resolves: from the local cache when it holds the model, else from the hub (which 01_import needs).
     A dry run only plans (the shipped recipes' models are downloaded by 01_import, perhaps on another machine): a
     model it cannot reach is a warning there."""
     try:
-        _check_hub_id(name, setting)
+        _check_hub_id(name, setting, revision)
     except ConfigError as error:
         if not dry_run:
             raise
         print(f"warning: {error} (01_import needs it; a dry run goes on)", file=sys.stderr)
 
 
-def _check_hub_id(name: str, setting: str) -> None:
+def _check_hub_id(name: str, setting: str, revision: str | None) -> None:
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
 
     try:
-        cached = try_to_load_from_cache(name, "config.json")
+        cached = try_to_load_from_cache(name, "config.json", revision=revision)
     except HFValidationError:
         raise ConfigError(f"{setting} {name}: no such file or folder, and not a hub id (owner/name); give a local "
                           f"path or a Hugging Face hub id") from None
@@ -248,24 +248,29 @@ def _check_hub_id(name: str, setting: str) -> None:
     if _offline():
         raise ConfigError(f"{setting} {name}: a hub id, but HF_HUB_OFFLINE is set and the model is not in the "
                           f"Hugging Face cache; download it where the hub is reachable (huggingface-cli download "
-                          f"{name}) or give a local folder or .gguf path")
-    _resolve_on_hub(name, setting)
+                          f"{name}{f' --revision {revision}' if revision else ''}) or give a local folder or .gguf "
+                          f"path")
+    _resolve_on_hub(name, setting, revision)
 
 
-def _resolve_on_hub(name: str, setting: str) -> None:
+def _resolve_on_hub(name: str, setting: str, revision: str | None) -> None:
     """One HEAD request for the model's config.json: huggingface_hub's own helpers retry for ~25 s and log each
     attempt, where one answer (or none) is all the check needs."""
     from huggingface_hub import hf_hub_url
-    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
     try:
-        response = get_session().head(hf_hub_url(name, "config.json"), headers=build_hf_headers(), timeout=10,
-                                      allow_redirects=True)
+        response = get_session().head(hf_hub_url(name, "config.json", revision=revision), headers=build_hf_headers(),
+                                      timeout=10, allow_redirects=True)
         hf_raise_for_status(response)
     except GatedRepoError:
         raise ConfigError(f"{setting} {name}: a gated model; accept its license on huggingface.co and export "
                           f"HF_TOKEN") from None
+    except RevisionNotFoundError:
+        raise ConfigError(f"{setting} {name}: the hub repository has no revision {revision!r} (model.revision); name "
+                          f"one of its branches, tags or commits") from None
     except RepositoryNotFoundError:
         raise ConfigError(f"{setting} {name}: no such model on the Hugging Face hub (or a private one: export "
                           f"HF_TOKEN); check the id or give a local path") from None

@@ -182,25 +182,26 @@ def _local_path(name: str) -> Path:
     return paths.resolve_package_file(name) if name.startswith(paths.PACKAGE_SCHEME) else Path(name)
 
 
-def _cached_hub_config(name: str) -> dict | None:
+def _cached_hub_config(name: str, revision: str | None) -> dict | None:
     """A hub model's config.json from the local Hugging Face cache, never from the network."""
     import json
 
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        found = try_to_load_from_cache(name, "config.json")
+        found = try_to_load_from_cache(name, "config.json", revision=revision)
     except Exception:  # not a repo id, or no hub client: no estimate
         return None
     return json.loads(Path(found).read_text()) if isinstance(found, str) else None
 
 
-def load_shape(name: str) -> ModelShape | None:
-    """The shape of a local HF folder, a GGUF file, or a hub id whose config is cached; None when unknown."""
+def load_shape(name: str, revision: str | None = None) -> ModelShape | None:
+    """The shape of a local HF folder, a GGUF file, or a hub id whose config is cached (at `revision`); None when
+    unknown."""
     path = _local_path(name)
     fields = model_shape(str(path)) if path.exists() else None
     if fields is None and not path.exists():
-        raw = _cached_hub_config(name)
+        raw = _cached_hub_config(name, revision)
         fields = shape_from_hf_config(raw) if raw else None
     if not fields or not all(fields.get(key) for key in ("hidden", "intermediate", "vocab", "layers")):
         return None
@@ -310,7 +311,7 @@ def plan(config: FlowConfig, shape: ModelShape | None) -> MemoryPlan:
 
 
 def plan_for(config: FlowConfig) -> MemoryPlan:
-    return plan(config, load_shape(config.model.name))
+    return plan(config, load_shape(config.model.name, config.model.revision))
 
 
 # ---- the check before queueing ---------------------------------------------------------------------------------
@@ -409,7 +410,7 @@ def check(config: FlowConfig, gpu_run: bool) -> None:
     CPU runs, unknown shapes and run.memory_check=false pass."""
     if not gpu_run or not config.run.memory_check:
         return
-    shape = load_shape(config.model.name)
+    shape = load_shape(config.model.name, config.model.revision)
     if shape is None:
         return
     capacity = config.run.gpu_memory_gb

@@ -84,3 +84,10 @@ def absolutize(value: str | None) -> str | None:
     if candidate.exists() or value.startswith((".", "/", "~")):
         return str(candidate.resolve())
     return value
+
+
+def is_hub_id(name: str | None) -> bool:
+    """A Hugging Face hub id (owner/name): not a pkg:// file, a .gguf file or a path on this machine."""
+    if not name or name.startswith(PACKAGE_SCHEME) or name.endswith(".gguf"):
+        return False
+    return not (name.startswith(("/", ".", "~")) or Path(name).expanduser().exists())

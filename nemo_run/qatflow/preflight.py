@@ -56,8 +56,11 @@ def preflight(config: FlowConfig, device: str) -> None:
 
     from qatflow.memory_plan import check as check_memory
 
-    # Settings first, then this machine: a plan that cannot fit is refused whether or not a GPU is here.
-    check_memory(config, gpu_run=config.nemo.accelerator == "gpu" if config.run.backend == "nemo" else device == "cuda")
+    # Settings first, then this machine: a plan that cannot fit is refused whether or not a GPU is here. The nemo
+    # backend runs on GPUs unless run.device=cpu (its CPU rehearsal): with auto its jobs are GPU jobs even when
+    # planned on a machine without one (a login node).
+    gpu_run = device == "cuda" or (config.run.backend == "nemo" and config.run.device != "cpu")
+    check_memory(config, gpu_run=gpu_run)
     if device == "cuda" and config.run.executor == "local":
         import torch
 

@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 
 @runtime_checkable
 class Backend(Protocol):
-    """What a backend module provides. Each stage function returns the metrics its manifest records."""
+    """What a backend module provides. Each stage function returns the mapping its stage keeps as its typed result
+    (qatflow.stage_results) and its manifest records."""
 
     def import_model(self, ctx: StageContext) -> dict:
         """01_import: the source model (hub id, local folder, GGUF) as the backend's checkpoint in ctx.out_dir."""

@@ -185,8 +185,8 @@ class JobShape:
 
 def job_shape(config: FlowConfig, profile: SlurmProfile, stage: str) -> JobShape:
     """What one stage's job asks for: the hf backend is one process on one device; the nemo backend runs one task
-    per device, with the devices and nodes its settings give each stage (on a CPU-only profile, nemo.accelerator
-    cpu: the same tasks, no GPU request)."""
+    per device, with the devices and nodes its settings give each stage (on a CPU-only profile, run.device cpu:
+    the same tasks, no GPU request)."""
     if BY_NAME[stage].resources == "cpu":
         return JobShape(0, 1, 1)
     if config.run.backend == "nemo":
@@ -246,9 +246,9 @@ def check_profile(config: FlowConfig) -> SlurmProfile:
         raise ConfigError(f"run.train_gpus={run_settings.train_gpus} (--train-gpus, GPUs per node) is below "
                           f"--tensor-parallelism {run_settings.tensor_parallelism} x --pipeline-parallelism "
                           f"{run_settings.pipeline_parallelism} = {replica}; raise --train-gpus or lower TP/PP")
-    if run_settings.backend == "nemo" and not profile.gpus and config.nemo.accelerator != "cpu":
+    if run_settings.backend == "nemo" and not profile.gpus and run_settings.device != "cpu":
         raise ConfigError(f"{where}: gpus=false but --backend nemo needs GPUs; use a GPU profile, --backend hf, "
-                          f"or --nemo-env cpu (checks on CPU tasks)")
+                          f"or --nemo-env cpu (run.device=cpu: checks on CPU tasks)")
     if profile.container.image:
         log_dir = str(config.run.log_dir)
         targets = [mount.split(":")[1].rstrip("/") for mount in profile.container.mounts]

@@ -20,7 +20,7 @@ class StageSpec:
     name: str
     depends: tuple[str, ...]  # stages whose outputs this one reads
     sections: tuple[str, ...]  # config sections its result depends on (with its inputs' fingerprints)
-    module: str  # qatflow.stages.<module> holds `run(ctx) -> metrics`
+    module: str  # qatflow.stages.<module> holds `run(ctx) -> StageResult` (qatflow.stage_results)
     resources: str  # "cpu", "ptq" or "train": which executor settings a job of this stage gets
     summary: str
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 from qatflow.data import load_splits, split_summary, write_jsonl
 from qatflow.stage_context import StageContext
 from qatflow.artifacts import SPLIT_FILES
+from qatflow.stage_results import DataResult
 
 
-def run(ctx: StageContext) -> dict:
+def run(ctx: StageContext) -> DataResult:
     data = ctx.config.data
     source = f"data.source={data.source}" + (f" from {data.path}" if data.path else "")
     ctx.log(f"reading {source}")
@@ -25,6 +26,6 @@ def run(ctx: StageContext) -> dict:
                 f"reasoning; characters p50 {stats['chars_p50']} p95 {stats['chars_p95']} max {stats['chars_max']}")
     how = f"seeded split (data.seed={data.seed})" if splits.seeded else "the source's own splits"
     ctx.log(f"{how} of {splits.origin}")
-    return {"source": source, "origin": splits.origin, "train": len(splits.train),
-            "validation": len(splits.validation), "seed": data.seed, "seeded_split": splits.seeded,
-            "rows_read": splits.rows, "malformed_rows_skipped": splits.skipped, "splits": summary}
+    return DataResult(source=source, origin=splits.origin, train=len(splits.train),
+                      validation=len(splits.validation), seed=data.seed, seeded_split=splits.seeded,
+                      rows_read=splits.rows, malformed_rows_skipped=splits.skipped, splits=summary)

@@ -7,6 +7,7 @@ import torch
 from qatflow.backends import get_backend
 from qatflow.evaluation import score
 from qatflow.stage_context import StageContext
+from qatflow.stage_results import EvalResult
 from qatflow.tokens import read_split, tokenize_split
 
 # Evaluation stage -> the stage whose model it scores.
@@ -24,7 +25,7 @@ def score_held_out(ctx: StageContext, backend, model, tokenizer, reference, dtyp
                  dtype or backend.compute_dtype(config, device), reference=reference, log=ctx.log)
 
 
-def run(ctx: StageContext) -> dict:
+def run(ctx: StageContext) -> EvalResult:
     config = ctx.config
     backend = get_backend(config.run.backend)
     device = backend.device_of(config)
@@ -38,4 +39,4 @@ def run(ctx: StageContext) -> dict:
         metrics = score_held_out(ctx, backend, model, tokenizer, reference)
     ctx.log(f"ppl assistant {metrics['ppl_assistant']:.3f} all {metrics['ppl_all']:.3f} "
             f"KL assistant {metrics['kl_assistant']:.4f} all {metrics['kl_all']:.4f}")
-    return {"model_stage": model_stage, **metrics}
+    return EvalResult.from_dict({"model_stage": model_stage, **metrics})

@@ -2,7 +2,8 @@
 
 from qatflow.backends import get_backend
 from qatflow.stage_context import StageContext
+from qatflow.stage_results import ExportResult
 
 
-def run(ctx: StageContext) -> dict:
-    return get_backend(ctx.config.run.backend).export(ctx)
+def run(ctx: StageContext) -> ExportResult:
+    return ExportResult.from_dict(get_backend(ctx.config.run.backend).export(ctx))

@@ -2,7 +2,8 @@
 
 from qatflow.backends import get_backend
 from qatflow.stage_context import StageContext
+from qatflow.stage_results import ImportResult
 
 
-def run(ctx: StageContext) -> dict:
-    return get_backend(ctx.config.run.backend).import_model(ctx)
+def run(ctx: StageContext) -> ImportResult:
+    return ImportResult.from_dict(get_backend(ctx.config.run.backend).import_model(ctx))

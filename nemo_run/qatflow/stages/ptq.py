@@ -2,7 +2,8 @@
 
 from qatflow.backends import get_backend
 from qatflow.stage_context import StageContext
+from qatflow.stage_results import PTQResult
 
 
-def run(ctx: StageContext) -> dict:
-    return get_backend(ctx.config.run.backend).quantize(ctx)
+def run(ctx: StageContext) -> PTQResult:
+    return PTQResult.from_dict(get_backend(ctx.config.run.backend).quantize(ctx))

@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 from qatflow.artifacts import EXPORT_COMPRESSED_TENSORS, REPORT, TRAIN_LOG, export_checkpoint
-from qatflow.manifest import read_manifest
 from qatflow.stage_context import StageContext
+from qatflow.stage_results import (EvalResult, Quality, Recovery, ReportResult, VerifiedScores, VerifyResult,
+                                   read_result)
 
 ROWS = (("06_eval_bf16", "BF16 / full precision"), ("07_eval_ptq", "PTQ"), ("08_eval_trained", "trained"))
 
@@ -42,7 +43,7 @@ def _plot_loss(history: list[dict], path: Path, method: str) -> None:
     plt.close(fig)
 
 
-def _plot_comparison(rows: list[tuple[str, dict]], path: Path) -> None:
+def _plot_comparison(rows: list[tuple[str, Quality]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -50,11 +51,13 @@ def _plot_comparison(rows: list[tuple[str, dict]], path: Path) -> None:
 
     names = [name for name, _ in rows]
     fig, axes = plt.subplots(1, 2, figsize=(9, 4))
-    panels = ((axes[0], "ppl", "perplexity (lower is better)"), (axes[1], "kl", "KL to full precision (nats/token)"))
-    for ax, key, title in panels:
+    qualities = [quality for _, quality in rows]
+    panels = ((axes[0], "perplexity (lower is better)", [(q.ppl_assistant, q.ppl_all) for q in qualities]),
+              (axes[1], "KL to full precision (nats/token)", [(q.kl_assistant, q.kl_all) for q in qualities]))
+    for ax, title, pairs in panels:
         width = 0.38
-        for offset, scope in ((-width / 2, "assistant"), (width / 2, "all")):
-            values = [metrics[f"{key}_{scope}"] for _, metrics in rows]
+        for offset, scope, index in ((-width / 2, "assistant", 0), (width / 2, "all", 1)):
+            values = [pair[index] for pair in pairs]
             bars = ax.bar([i + offset for i in range(len(rows))], values, width, label=f"{scope} tokens")
             ax.bar_label(bars, fmt="%.3g", fontsize=8)
         ax.set_xticks(range(len(rows)), names, fontsize=8)
@@ -76,34 +79,39 @@ def serve_commands(export_format: str, export_dir: Path) -> list[str]:
     return commands
 
 
-def served_rows(verify: dict) -> tuple[dict | None, dict | None]:
-    """The export as served (W4A4) and its weight-only path, scored against the full-precision model by 05_verify,
-    in the harness's metric names; None where 05_verify did not measure them."""
-    def row(metrics: dict, prefix: str = "") -> dict | None:
-        if "kl_full_assistant" not in metrics:
+def served_rows(verify: VerifyResult) -> tuple[Quality | None, Quality | None]:
+    """The export as served (W4A4) and its weight-only path, scored against the full-precision model by 05_verify;
+    None where 05_verify did not measure them."""
+    def row(scores: VerifiedScores, ppl_assistant: float, ppl_all: float) -> Quality | None:
+        if scores.kl_full_assistant is None or scores.kl_full_all is None:
             return None
-        return {"ppl_assistant": metrics[f"{prefix}ppl_assistant"], "ppl_all": metrics[f"{prefix}ppl_all"],
-                "kl_assistant": metrics["kl_full_assistant"], "kl_all": metrics["kl_full_all"]}
+        return Quality(ppl_assistant=ppl_assistant, ppl_all=ppl_all, kl_assistant=scores.kl_full_assistant,
+                       kl_all=scores.kl_full_all)
 
-    served = row(verify, "served_" if "served_ppl_assistant" in verify else "")
-    # nemo backend: 05_verify's own W4A16 comparison is in fp32; the weight-only export as served is apart
-    weight_only_metrics = verify.get("served_w4a16", verify.get("w4a16"))
-    weight_only = row(weight_only_metrics) if isinstance(weight_only_metrics, dict) else None
+    # Scored apart from the student (another dtype): its own perplexities; else the export's against the student.
+    if verify.served_ppl_assistant is not None and verify.served_ppl_all is not None:
+        served = row(verify, verify.served_ppl_assistant, verify.served_ppl_all)
+    else:
+        served = row(verify, verify.ppl_assistant, verify.ppl_all)
+    w4a16 = verify.w4a16
+    weight_only = row(w4a16, w4a16.ppl_assistant, w4a16.ppl_all) if w4a16 is not None else None
+    if verify.served_w4a16 is not None:  # nemo backend: the weight-only export as served, scored apart
+        weight_only = verify.served_w4a16
     return served, weight_only
 
 
-def run(ctx: StageContext) -> dict:
+def run(ctx: StageContext) -> ReportResult:
     config = ctx.config
     method = config.train.method.upper()
     experiment = config.experiment_dir
     algorithm = config.ptq.algorithm.upper()
-    verify = (read_manifest(ctx.inputs["05_verify"]) or {}).get("metrics", {})
+    verify = read_result(ctx.inputs["05_verify"], VerifyResult)
+    evals = {stage: read_result(ctx.inputs[stage], EvalResult) for stage, _ in ROWS}
     served, weight_only = served_rows(verify)
     as_trained = "as trained (fake quant)"
-    rows: list[tuple[str, dict]] = []
+    rows: list[tuple[str, Quality]] = []
     computed: list[str] = []
     for stage, label in ROWS:
-        metrics = (read_manifest(ctx.inputs[stage]) or {}).get("metrics", {})
         how = "as loaded" if stage == "06_eval_bf16" else as_trained
         if stage == "07_eval_ptq":
             label = f"{algorithm} PTQ"
@@ -111,41 +119,42 @@ def run(ctx: StageContext) -> dict:
             label = f"{algorithm} {method}"
             if served is not None:  # the trained row is the export as served; the student's own row beside it
                 rows.append((label, served))
-                computed.append(f"export as served: {verify.get('served', config.export.dtype)}, from the checkpoint")
+                computed.append(f"export as served: {verify.served}, from the checkpoint")
                 label = f"{algorithm} {method} student"
-        rows.append((label, metrics))
+        rows.append((label, evals[stage]))
         computed.append(how)
     if weight_only is not None:
         rows.append((f"{algorithm} {method} export W4A16", weight_only))
         computed.append(f"export, {config.export.dtype} W4A16 (weights only)")
-    full, ptq, trained = rows[0][1], rows[1][1], rows[2][1]
+    full, ptq, trained = rows[0][1], rows[1][1], rows[2][1]  # trained: the export as served, if 05_verify scored it
     history = [json.loads(line) for line in (ctx.inputs["03_train"] / TRAIN_LOG).read_text().splitlines()
                if line.strip()]
     _plot_loss(history, ctx.out_dir / "loss.png", config.train.method)
     _plot_comparison(rows, ctx.out_dir / "comparison.png")
     export_dir = export_checkpoint(experiment)
-    recovery = {
-        "ppl_gap_closed_assistant": gap_closed(full["ppl_assistant"], ptq["ppl_assistant"], trained["ppl_assistant"]),
-        "ppl_gap_closed_all": gap_closed(full["ppl_all"], ptq["ppl_all"], trained["ppl_all"]),
-        "kl_gap_closed_assistant": gap_closed(0.0, ptq["kl_assistant"], trained["kl_assistant"]),
-    }
+    recovery = Recovery(
+        ppl_gap_closed_assistant=gap_closed(full.ppl_assistant, ptq.ppl_assistant, trained.ppl_assistant),
+        ppl_gap_closed_all=gap_closed(full.ppl_all, ptq.ppl_all, trained.ppl_all),
+        kl_gap_closed_assistant=gap_closed(0.0, ptq.kl_assistant, trained.kl_assistant))
+    held_out = evals["06_eval_bf16"]
+    revision = f" at revision `{config.model.revision}`" if config.model.revision else ""
     lines = [
         f"# qatflow report: {config.run.experiment}",
         "",
-        f"- model: `{config.model.name}` (recipe `{config.recipe}`, backend {config.run.backend})",
+        f"- model: `{config.model.name}`{revision} (recipe `{config.recipe}`, backend {config.run.backend})",
         f"- method: {method} ({'distillation from the full-precision teacher' if method == 'QAD' else 'cross-entropy'}), "
         f"{config.train.steps} steps of {config.train.global_batch_size} conversations, lr {config.train.lr:g}",
         f"- quantization: {config.ptq.algorithm}, calibrated on {config.ptq.calib_samples} training conversations",
-        f"- evaluation: {full.get('conversations')} held-out conversations, {full.get('tokens_assistant')} assistant "
-        f"tokens of {full.get('tokens_all')}",
+        f"- evaluation: {held_out.conversations} held-out conversations, {held_out.tokens_assistant} assistant "
+        f"tokens of {held_out.tokens_all}",
         "",
         "| model | computed | ppl (assistant) | ppl (all tokens) | KL to full precision (assistant) | "
         "KL (all tokens) |",
         "|---|---|---|---|---|---|",
     ]
-    for (label, metrics), how in zip(rows, computed):
-        lines.append(f"| {label} | {how} | {metrics['ppl_assistant']:.3f} | {metrics['ppl_all']:.3f} | "
-                     f"{metrics['kl_assistant']:.4f} | {metrics['kl_all']:.4f} |")
+    for (label, quality), how in zip(rows, computed):
+        lines.append(f"| {label} | {how} | {quality.ppl_assistant:.3f} | {quality.ppl_all:.3f} | "
+                     f"{quality.kl_assistant:.4f} | {quality.kl_all:.4f} |")
     lines += [
         "",
         f"The {algorithm} {method} row is "
@@ -153,9 +162,9 @@ def run(ctx: StageContext) -> dict:
         f"BF16, PTQ{' and the student' if served else ''} are computed as trained "
         f"({'fp32 on CPU, bf16 autocast on GPU' if config.run.backend == 'hf' else 'NeMo, fp32 parameters'}).",
         "",
-        f"{method} closed {_percent(recovery['ppl_gap_closed_assistant'])} of the PTQ perplexity gap on assistant "
-        f"tokens ({_percent(recovery['ppl_gap_closed_all'])} on all tokens) and "
-        f"{_percent(recovery['kl_gap_closed_assistant'])} of its KL.",
+        f"{method} closed {_percent(recovery.ppl_gap_closed_assistant)} of the PTQ perplexity gap on assistant "
+        f"tokens ({_percent(recovery.ppl_gap_closed_all)} on all tokens) and "
+        f"{_percent(recovery.kl_gap_closed_assistant)} of its KL.",
         "",
         "![training loss](loss.png)",
         "",
@@ -166,31 +175,31 @@ def run(ctx: StageContext) -> dict:
         f"`{export_dir}`",
         "",
     ]
-    if verify.get("verified"):
-        numerics = verify.get("numerics", "float32")
+    if verify.verified:
+        numerics = verify.numerics
         checked = ("checked the compressed-tensors checkpoint against the student value by value, reloaded it "
                    "from disk with transformers + compressed-tensors"
                    if config.export.format == "compressed-tensors" else
                    "checked the checkpoint against vLLM's and TensorRT-LLM's ModelOpt loaders, reloaded it from disk")
         lines += [
-            f"05_verify {checked} ({verify['quantized_layers']} NVFP4 layers dequantized from their codes) and "
+            f"05_verify {checked} ({verify.quantized_layers} NVFP4 layers dequantized from their codes) and "
             f"compared it with the trained student computed the same way, on the same held-out conversations. "
             f"Backend and numerics: {numerics}.",
             "",
             "| path | numerics | KL(student ‖ export) assistant | KL all tokens | export ppl (assistant) | "
             "export ppl (all) |",
             "|---|---|---|---|---|---|",
-            f"| W4A4 (served) | {numerics} | {verify['kl_assistant']:.2e} | {verify['kl_all']:.2e} | "
-            f"{verify['ppl_assistant']:.3f} | {verify['ppl_all']:.3f} |",
+            f"| W4A4 (served) | {numerics} | {verify.kl_assistant:.2e} | {verify.kl_all:.2e} | "
+            f"{verify.ppl_assistant:.3f} | {verify.ppl_all:.3f} |",
         ]
-        if isinstance(verify.get("w4a16"), dict):
-            w4a16 = verify["w4a16"]
-            lines.append(f"| W4A16 (weights only) | {w4a16['numerics']} | {w4a16['kl_assistant']:.2e} | "
-                         f"{w4a16['kl_all']:.2e} | {w4a16['ppl_assistant']:.3f} | {w4a16['ppl_all']:.3f} |")
-        if "gate" in verify:
-            lines += ["", f"Passed: {verify['gate']}."]
+        w4a16 = verify.w4a16
+        if w4a16 is not None:
+            lines.append(f"| W4A16 (weights only) | {w4a16.numerics} | {w4a16.kl_assistant:.2e} | "
+                         f"{w4a16.kl_all:.2e} | {w4a16.ppl_assistant:.3f} | {w4a16.ppl_all:.3f} |")
+        if verify.gate is not None:
+            lines += ["", f"Passed: {verify.gate}."]
     else:
-        lines.append(f"Not reloaded: {verify.get('reason', 'verify did not run')}.")
+        lines.append("Not reloaded: 05_verify did not verify the export.")
     lines += [
         "",
         "## Serving it",
@@ -202,6 +211,6 @@ def run(ctx: StageContext) -> dict:
     ]
     (ctx.out_dir / REPORT).write_text("\n".join(lines))
     ctx.log(f"report: {ctx.final_dir / REPORT}")
-    return {"rows": {label: metrics for label, metrics in rows}, "recovery": recovery,
-            "export_kl_assistant": verify.get("kl_assistant"), "export_numerics": verify.get("numerics"),
-            "export_dir": str(export_dir)}
+    return ReportResult(rows={label: quality.to_dict() for label, quality in rows}, recovery=recovery,
+                        export_kl_assistant=verify.kl_assistant, export_numerics=verify.numerics,
+                        export_dir=str(export_dir))

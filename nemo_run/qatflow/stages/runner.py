@@ -7,12 +7,12 @@ import importlib
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 from qatflow import distributed, lifecycle
 from qatflow.config import FlowConfig
 from qatflow.manifest import StageOutput, is_complete
 from qatflow.stage_context import StageContext
+from qatflow.stage_results import StageResult
 from qatflow.stages import BY_NAME, fingerprints
 
 
@@ -96,7 +96,7 @@ def _run_stage(stage: str, config: FlowConfig, secrets: list[str], rank: int, wo
         ctx.log(f"secrets received: {', '.join(secrets)}")
     module = importlib.import_module(f"qatflow.stages.{spec.module}")
     try:
-        metrics: dict[str, Any] = module.run(ctx) or {}
+        result: StageResult = module.run(ctx)
     except BaseException as error:
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
             full = disk_full(ctx, error)
@@ -108,7 +108,7 @@ def _run_stage(stage: str, config: FlowConfig, secrets: list[str], rank: int, wo
         output.wait_for_commit(rank)
         return
     input_record = {dep: {"path": str(path), "fingerprint": prints[dep]} for dep, path in inputs.items()}
-    final = output.commit(input_record, metrics, config.section_hash(*spec.sections) if spec.sections else "")
+    final = output.commit(input_record, result.to_dict(), config.section_hash(*spec.sections) if spec.sections else "")
     ctx.log(f"done -> {final}")
     after_commit = getattr(module, "after_commit", None)
     if after_commit is not None:

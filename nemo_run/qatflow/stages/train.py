@@ -4,10 +4,11 @@ import importlib
 
 from qatflow.backends import get_backend
 from qatflow.stage_context import StageContext
+from qatflow.stage_results import TrainResult
 
 
-def run(ctx: StageContext) -> dict:
-    return get_backend(ctx.config.run.backend).train(ctx)
+def run(ctx: StageContext) -> TrainResult:
+    return TrainResult.from_dict(get_backend(ctx.config.run.backend).train(ctx))
 
 
 def after_commit(ctx: StageContext) -> None:

@@ -42,6 +42,7 @@ from qatflow.evaluation import score
 from qatflow.export_reload import ExportFormatError, check_export, load_exported_model, served_student, tensors_named
 from qatflow.half_linear_cpu import fp32_accumulating_linears
 from qatflow.stage_context import StageContext
+from qatflow.stage_results import VerifyResult
 from qatflow.tokens import read_split, tokenize_split
 
 
@@ -122,7 +123,12 @@ def _score(ctx, items, device, model, tokenizer, reference, references) -> dict:
                      reference=reference, log=ctx.log, references=references)
 
 
-def run(ctx: StageContext) -> dict:
+def run(ctx: StageContext) -> VerifyResult:
+    """The checks and scores below build the manifest's mapping; the stage returns it typed."""
+    return VerifyResult.from_dict(_verify(ctx))
+
+
+def _verify(ctx: StageContext) -> dict:
     config = ctx.config
     backend = get_backend(config.run.backend)
     device = backend.device_of(config)
@@ -211,10 +217,8 @@ def run(ctx: StageContext) -> dict:
         if isinstance(result.get("w4a16"), dict):  # the weight-only path as served too, for the report's W4A16 row
             served_model, _ = load_exported_model(export_dir, device, served, activations=False)
             weight_only = _score(ctx, items, device, served_model, tokenizer, full, None)
-            result["served_w4a16"] = {"ppl_assistant": weight_only["ppl_assistant"],
-                                      "ppl_all": weight_only["ppl_all"],
-                                      "kl_full_assistant": weight_only["kl_assistant"],
-                                      "kl_full_all": weight_only["kl_all"]}
+            result["served_w4a16"] = {key: weight_only[key]
+                                      for key in ("ppl_assistant", "ppl_all", "kl_assistant", "kl_all")}
             del served_model
     result["served"] = f"{config.export.dtype} W4A4" if quantized else config.export.dtype
     return result

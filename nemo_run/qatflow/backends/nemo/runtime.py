@@ -23,6 +23,11 @@ NEMO_SUBDIR = "nemo"  # a stage's NeMo checkpoint (context/ + weights/)
 HF_SUBDIR = "hf"  # 01_import: the HF checkpoint the NeMo one was converted from (export template, tokenizer)
 
 
+def accelerator(config: FlowConfig) -> str:
+    """Lightning's accelerator for this process, from run.device (auto: the GPU where this machine has one)."""
+    return "gpu" if distributed.resolve_device(config.run.device) == "cuda" else "cpu"
+
+
 def model_settings(config: FlowConfig) -> dict:
     """The NeMo GPT-config fields the flow's settings decide: fusions, layer spec, where weights are created."""
     nemo = config.nemo
@@ -33,8 +38,8 @@ def model_settings(config: FlowConfig) -> dict:
         from nemo.collections.llm.gpt.model.base import local_layer_spec
 
         fields["transformer_layer_spec"] = local_layer_spec
-    if nemo.accelerator == "cpu":
-        fields["use_cpu_initialization"] = True
+    # Set either way: a checkpoint imported on a CPU job is restored on GPUs with the GPU's initialization.
+    fields["use_cpu_initialization"] = accelerator(config) == "cpu"
     return fields
 
 
@@ -89,7 +94,7 @@ def trainer(config: FlowConfig, stage: str, *, training: bool = False, restore_p
 
     layout = parallelism(config, stage)
     precision = precision or config.nemo.precision
-    return nl.Trainer(devices=layout.devices, num_nodes=layout.nodes, accelerator=config.nemo.accelerator,
+    return nl.Trainer(devices=layout.devices, num_nodes=layout.nodes, accelerator=accelerator(config),
                       strategy=strategy(config, layout, precision, training=training, restore_path=restore_path),
                       plugins=precision_plugin(precision), **trainer_kwargs)
 
@@ -148,7 +153,7 @@ def device(config: FlowConfig):
     """Where this process's model lives: its CUDA device (set by the strategy) or the CPU."""
     import torch
 
-    if config.nemo.accelerator == "gpu" and torch.cuda.is_available():
+    if accelerator(config) == "gpu":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 

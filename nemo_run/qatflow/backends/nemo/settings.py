@@ -9,14 +9,15 @@ from dataclasses import dataclass
 
 from qatflow.config import FlowConfig
 
-# What NeMo defaults to GPU / Transformer Engine, per kind of machine (--nemo-env): a NeMo container has TE; a GPU
-# without TE needs the local layer spec and no fusions; a CPU also fp32, gloo-friendly synchronous checkpoints
-# and the plain optimizer.
-ENVIRONMENTS: dict[str, dict] = {
-    "te": {"accelerator": "gpu", "layer_spec": "te", "fusions": True},
-    "gpu-local": {"accelerator": "gpu", "layer_spec": "local", "fusions": False},
-    "cpu": {"accelerator": "cpu", "precision": "32", "layer_spec": "local", "fusions": False,
-            "ckpt_async_save": False, "use_distributed_optimizer": False},
+# What NeMo defaults to GPU / Transformer Engine, per kind of machine (--nemo-env), as config sections: a NeMo
+# container has TE; a GPU without TE needs the local layer spec and no fusions; a CPU (run.device=cpu) also fp32,
+# gloo-friendly synchronous checkpoints and the plain optimizer.
+ENVIRONMENTS: dict[str, dict[str, dict]] = {
+    "te": {"nemo": {"layer_spec": "te", "fusions": True}},
+    "gpu-local": {"nemo": {"layer_spec": "local", "fusions": False}},
+    "cpu": {"run": {"device": "cpu"},
+            "nemo": {"precision": "32", "layer_spec": "local", "fusions": False, "ckpt_async_save": False,
+                     "use_distributed_optimizer": False}},
 }
 
 # Where each stage's model work runs: import converts on CPU (NeMo's importer builds its own CPU trainer);
@@ -67,7 +68,7 @@ def parallelism(config: FlowConfig, stage: str) -> Parallelism:
 
 def runtime(config: FlowConfig) -> str:
     nemo = config.nemo
-    return (f"accelerator {nemo.accelerator}, precision {nemo.precision}, layer spec {nemo.layer_spec}, "
+    return (f"device {config.run.device}, precision {nemo.precision}, layer spec {nemo.layer_spec}, "
             f"fusions {'on' if nemo.fusions else 'off'}, async save {'on' if nemo.ckpt_async_save else 'off'}, "
             f"distributed optimizer {'on' if nemo.use_distributed_optimizer else 'off'}")
 

@@ -158,11 +158,11 @@ def data_module(ctx: StageContext):
         if not link.exists():
             link.symlink_to((ctx.inputs["00_data"] / name).resolve())
     tokenizer = AutoTokenizer(str(runtime.hf_dir(ctx.inputs["01_import"])))
+    on_gpu = runtime.accelerator(config) == "gpu"
     return ChatDataModule(dataset_root=data_dir, seq_length=config.train.seq_len, tokenizer=tokenizer,
                           micro_batch_size=config.train.micro_batch_size,
                           global_batch_size=config.train.global_batch_size, seed=config.train.seed,
-                          num_workers=0 if config.nemo.accelerator == "cpu" else 2,
-                          pin_memory=config.nemo.accelerator == "gpu", use_hf_tokenizer_chat_template=True)
+                          num_workers=2 if on_gpu else 0, pin_memory=on_gpu, use_hf_tokenizer_chat_template=True)
 
 
 def optimizer(config: FlowConfig):

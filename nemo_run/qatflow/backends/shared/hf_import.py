@@ -22,6 +22,15 @@ def _fix_gguf_tokenizer(tokenizer) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
+def tokenizer_load_kwargs(config, model_kwargs: dict) -> dict:
+    """How 01_import loads the tokenizer: as the model, or --hf-tokenizer at model.revision when it is a hub id."""
+    if not config.model.hf_tokenizer:
+        return model_kwargs
+    if config.model.revision and paths.is_hub_id(config.model.hf_tokenizer):
+        return {"revision": config.model.revision}
+    return {}
+
+
 def import_model(ctx: StageContext) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -29,6 +38,8 @@ def import_model(ctx: StageContext) -> dict:
     source = config.model.name
     dtype = DTYPES[config.model.dtype]
     load_kwargs: dict = {"trust_remote_code": config.model.trust_remote_code}
+    if config.model.revision:  # config.validate allows it with a hub id only
+        load_kwargs["revision"] = config.model.revision
     if source.startswith(paths.PACKAGE_SCHEME):
         source = str(paths.resolve_package_file(source))
     is_gguf = source.endswith(".gguf")
@@ -36,10 +47,11 @@ def import_model(ctx: StageContext) -> dict:
         gguf_path = Path(source)
         source, load_kwargs["gguf_file"] = str(gguf_path.parent), gguf_path.name
         ctx.log(f"dequantizing GGUF {gguf_path.name}")
-    ctx.log(f"loading {source} as {config.model.dtype}")
+    ctx.log(f"loading {source}" + (f" at revision {config.model.revision}" if config.model.revision else "")
+            + f" as {config.model.dtype}")
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **load_kwargs)
     tokenizer_source = config.model.hf_tokenizer or source
-    tokenizer_kwargs = {} if config.model.hf_tokenizer else load_kwargs
+    tokenizer_kwargs = tokenizer_load_kwargs(config, load_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, **tokenizer_kwargs)
     apply_template_override(tokenizer, config.model.chat_template)
     if is_gguf:
@@ -57,5 +69,6 @@ def import_model(ctx: StageContext) -> dict:
         (target / "tokenizer.model").unlink(missing_ok=True)
     parameters = sum(p.numel() for p in model.parameters())
     ctx.log(f"saved {parameters / 1e6:.1f}M parameters to {target}")
-    return {"source": config.model.name, "parameters": parameters, "dtype": config.model.dtype,
+    revision = {"revision": config.model.revision} if config.model.revision else {}
+    return {"source": config.model.name, **revision, "parameters": parameters, "dtype": config.model.dtype,
             "architecture": model.config.architectures[0], "eos_token": tokenizer.eos_token}
