@@ -174,6 +174,14 @@ class Sharding:
         torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
         return float(total)
 
+    def step_metrics(self, history: list[dict]) -> dict:
+        """Processes, the median step after the first three, and the peak GPU memory of the most loaded GPU."""
+        times = sorted(record["step_seconds"] for record in history[3:] if record.get("step_seconds"))
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
+        peaks = [value for value in self.gather(peak) if value is not None]
+        return {"processes": self.world_size, "median_step_seconds": times[len(times) // 2] if times else None,
+                "peak_memory_gib": round(max(peaks), 2) if peaks else None}
+
     def gather(self, value: Any) -> list[Any]:
         """Every rank's `value` (picklable), in rank order."""
         if not self.sharded:

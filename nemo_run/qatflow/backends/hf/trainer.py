@@ -227,6 +227,7 @@ def train(ctx: StageContext) -> dict:
         if plan is not None:
             ctx.log(plan.describe())
         for step in range(start_step, train_cfg.steps):
+            step_started = time.time()
             step_ids = sample_order(len(items), step, train_cfg.global_batch_size, train_cfg.seed)
             step_items: list[TokenizedConversation] = [items[i] for i in step_ids]
             tokens_in_step = max(1, sum(sum(item.loss_mask[1:]) for item in step_items))
@@ -247,7 +248,8 @@ def train(ctx: StageContext) -> dict:
             totals = shards.totals(sums)  # one sync a step
             record = {"step": step + 1, **{k: round(v, 6) for k, v in totals.items()}, "lr": lr,
                       "grad_norm": round(grad_norm, 4), "assistant_tokens": tokens_in_step,
-                      "tokens": sum(len(item.input_ids) for item in step_items)}
+                      "tokens": sum(len(item.input_ids) for item in step_items),
+                      "step_seconds": round(time.time() - step_started, 4)}
             history.append(record)
             if (step + 1) % train_cfg.log_every == 0 or step + 1 == train_cfg.steps:
                 elapsed = time.time() - started
@@ -260,6 +262,7 @@ def train(ctx: StageContext) -> dict:
                 (shards.save_checkpoint if shards.sharded else save_checkpoint)(
                     ctx.work_dir, step + 1, model, optimizer, scheduler, history, train_cfg.keep_checkpoints)
     seconds = time.time() - started
+    timing = shards.step_metrics(history)  # before the save's gather adds to the peak
     target = shards.save_student(model, tokenizer, ctx.out_dir, lambda: _load_student(ctx, torch.device("cpu")))
     shards.stop()
     if shards.is_main:  # rank 0 writes the stage output
@@ -269,7 +272,7 @@ def train(ctx: StageContext) -> dict:
     metrics = {"method": train_cfg.method, "steps": train_cfg.steps, "resumed_from_step": start_step,
                "final_loss": last.get("loss"), "seconds": round(seconds, 1),
                "tokens_seen": sum(r.get("tokens", 0) for r in history),
-               "tokens_per_second": round(tokens_seen / max(seconds, 1e-6), 1)}
+               "tokens_per_second": round(tokens_seen / max(seconds, 1e-6), 1), **timing}
     if cache_metrics:
         metrics["teacher_cache"] = cache_metrics
     return metrics
