@@ -5,6 +5,8 @@
     python benchmarks/llama8b_inputs.py model OUT/tokenizer MODEL_DIR   # on the GPU machine: random weights
     python benchmarks/llama8b_inputs.py model OUT/tokenizer MODEL_DIR --tiny   # the same, 2 layers of width 64,
                                                                                # to rehearse the script on a CPU
+    python benchmarks/llama8b_inputs.py model OUT/tokenizer MODEL_DIR --shape 1b   # the ~1.5B shape of
+                                                                               # benchmarks/step_time.py
 
 The model has Llama-3.1-8B's shape (hidden 4096, 32 layers, 32 heads / 8 KV heads, intermediate 14336, vocabulary
 128256, Llama 3.1 rope scaling) and the embedded model's tokenizer, whose 49,152 ids are a subset of that
@@ -29,6 +31,9 @@ LLAMA31_8B = {
     "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                      "original_max_position_embeddings": 8192},
 }
+# benchmarks/step_time.py's "1b" (Llama-3.2-1B's layers, untied vocabulary matrices: 1.50B parameters).
+LLAMA_1B = {**LLAMA31_8B, "hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "intermediate_size": 8192}
 TINY = {**LLAMA31_8B, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "intermediate_size": 128}
 
@@ -106,11 +111,13 @@ def main() -> None:
     model.add_argument("tokenizer", type=Path)
     model.add_argument("model_dir", type=Path)
     model.add_argument("--tiny", action="store_true")
+    model.add_argument("--shape", choices=("8b", "1b"), default="8b")
     args = parser.parse_args()
     if args.command == "inputs":
         make_inputs(args.out, args.tokens, args.train, args.validation)
     else:
-        make_model(args.tokenizer, args.model_dir, TINY if args.tiny else LLAMA31_8B)
+        shape = TINY if args.tiny else {"8b": LLAMA31_8B, "1b": LLAMA_1B}[args.shape]
+        make_model(args.tokenizer, args.model_dir, shape)
 
 
 if __name__ == "__main__":

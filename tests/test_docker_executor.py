@@ -115,6 +115,19 @@ def test_dry_run_multi_gpu_stages_run_torchrun_in_one_container(tmp_path):
     assert _values(containers["04_export"], "--gpus") == ["1"] and containers["04_export"][-1].startswith("python")
 
 
+def test_dry_run_hf_training_on_several_gpus_runs_torchrun_in_one_container(tmp_path):
+    """--backend hf --train-gpus 2: 03_train as two torchrun processes (FSDP2) in one container with two GPUs;
+    every other stage one process on one GPU."""
+    result = run_flow("--executor", "docker", "--dry-run", "--log-dir", str(tmp_path), "--backend", "hf",
+                      "--distill", "--train-gpus", "2", "--set", "run.memory_check=false")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    containers = _containers(result.stdout)
+    assert _values(containers["03_train"], "--gpus") == ["2"]
+    assert containers["03_train"][-1].startswith("torchrun --nnodes 1 --nproc-per-node 2 -m nemo_run")
+    for stage in ("02_ptq", "04_export", "05_verify"):
+        assert _values(containers[stage], "--gpus") == ["1"] and containers[stage][-1].startswith("python"), stage
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--set", "docker.image=' '"], "docker.image is empty"),
     (["--set", "docker.packaging=zip"], "docker.packaging='zip' is not one of tree, installed"),

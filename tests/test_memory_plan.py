@@ -97,6 +97,33 @@ def test_terms_follow_the_settings(tmp_path):
     assert kinds == ["PTQ", "training", "export/eval"]
 
 
+def test_hf_training_over_several_gpus_shards_weights_optimizer_and_teacher(tmp_path):
+    """--backend hf --train-gpus N (FSDP2): fp32 masters, Adam moments, gradients and the live teacher / N; the
+    cached NVFP4 weights stay whole; the gathered root and layers are added; activation checkpointing keeps one
+    layer's activations."""
+    model = model_dir(tmp_path, "llama8b", LLAMA_8B)
+    shape = load_shape(str(model))
+    qad = {"method": "qad", "micro_batch_size": 1, "seq_len": 2048, "global_batch_size": 64}
+
+    def training(gpus: int, **train):
+        estimate = plan(settings(model, train={**qad, **train}, run={"train_gpus": gpus}), shape).estimates[1]
+        terms = {term.name.split(" / ")[0]: term.gb for phase in estimate.phases for term in phase[1]}
+        return estimate, {**terms, **{term.name.split(" / ")[0]: term.gb for term in estimate.resident}}
+
+    (one, one_terms), (two, two_terms) = training(1), training(2)
+    assert two.gpus == "2 GPUs, TP 1 PP 1 DP 2"
+    for name in ("weights fp32", "Adam fp32", "teacher bf16", "gradients fp32"):
+        assert two_terms[name] == pytest.approx(one_terms[name] / 2), name
+    assert two_terms["NVFP4 weights bf16"] == one_terms["NVFP4 weights bf16"]
+    assert "FSDP gathered weights" in two_terms and "FSDP gathered weights" not in one_terms
+    assert one.total_gb > FIT_SHARE * 141 > two.total_gb  # 8B QAD: two H200s hold what one cannot
+    _, checkpointed = training(2, activation_checkpointing=True)
+    assert checkpointed["activations"] == pytest.approx(two_terms["activations"] / shape.layers)
+    # Refused on one 80 GB GPU: more GPUs of the same backend are named.
+    with pytest.raises(ConfigError, match=r"--train-gpus \d"):
+        check(settings(model, train=qad), gpu_run=True)
+
+
 @pytest.mark.parametrize("row", [row for row in measured.MEASURED if row.peak_gb is not None],
                          ids=lambda row: f"{row.source}|{row.shape}|{row.mode}")
 def test_estimates_within_tolerance_of_measured_peaks(row):

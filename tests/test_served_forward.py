@@ -76,3 +76,12 @@ def test_served_forward_refuses_float16_export(tiny_recipe, tmp_path):
     with pytest.raises(ConfigError, match="loss scaling"):
         cli.load_config(["--recipe", str(tiny_recipe), "--log-dir", str(tmp_path), "--set",
                          "train.served_forward=true", "--set", "export.dtype=float16"])
+
+
+def test_served_forward_refuses_several_training_gpus(tiny_recipe, tmp_path):
+    from qatflow import cli
+    from qatflow.config import ConfigError
+
+    with pytest.raises(ConfigError, match="served_forward trains on one device"):
+        cli.load_config(["--recipe", str(tiny_recipe), "--log-dir", str(tmp_path), "--set",
+                         "train.served_forward=true", "--train-gpus", "2", "--set", "train.global_batch_size=4"])

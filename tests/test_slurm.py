@@ -81,6 +81,20 @@ def test_dry_run_with_a_pyxis_profile_prints_the_sbatch_scripts(monkeypatch):
     assert not Path("/lustre").exists()  # a dry run writes nothing where the jobs would
 
 
+def test_dry_run_of_hf_training_on_several_gpus_asks_one_task_per_gpu():
+    """--backend hf --train-gpus 2: 03_train is one node, two GPUs and two srun tasks (FSDP2); every other stage
+    one task on one GPU."""
+    result = run_flow("--use-slurm", "--slurm-profile", "pyxis-nemo", "--log-dir", "/lustre/fsw/qatflow/logs",
+                      "--distill", "--dry-run", "--backend", "hf", "--train-gpus", "2",
+                      "--set", "run.memory_check=false")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    scripts = {block.split(":", 1)[0]: block for block in result.stdout.split("# ---- ")[1:]}
+    for line in ("#SBATCH --nodes=1", "#SBATCH --gpus-per-node=2", "#SBATCH --ntasks-per-node=2"):
+        assert line in scripts["03_train"], line
+    for stage in ("02_ptq", "04_export"):
+        assert "#SBATCH --gpus-per-node=1" in scripts[stage] and "#SBATCH --ntasks-per-node=1" in scripts[stage]
+
+
 @pytest.mark.parametrize("changes, argv, message", [
     ({"account": ""}, [], "account is empty"),
     ({"tunnel.kind": "ssh", "tunnel.user": "me", "tunnel.job_dir": "/x"}, [], "tunnel.kind=ssh needs tunnel.host"),
@@ -412,3 +426,39 @@ def test_nemo_stages_as_two_slurm_tasks_commit_once(cluster_env, tiny_model, tmp
     assert (experiment / "04_export" / "checkpoint" / "hf_quant_config.json").is_file()
     assert json.loads((experiment / "03_train" / MANIFEST).read_text())["metrics"]["checkpoint_optimizer_state"] \
         is False
+
+
+def test_hf_training_as_two_slurm_tasks_commits_once(cluster_env, tiny_recipe, tmp_path):
+    """--backend hf --train-gpus 2: 03_train as two srun tasks of one job (FSDP2 over gloo on this CPU-only
+    cluster), which meet at the port the job's id picks; rank 0 alone writes and commits the student, and the
+    export reads it."""
+    from qatflow.manifest import MANIFEST
+    from qatflow.stages import fingerprints
+
+    args = ["--recipe", str(tiny_recipe), "--log-dir", str(tmp_path), "--experiment", "fsdp", "--executor", "slurm",
+            "--slurm-profile", "local", "--train-gpus", "2", "--set", "train.steps=4",
+            "--set", "train.checkpoint_every=2"]
+    experiment = tmp_path / "fsdp"
+    # The scoring stages are test_flow_tiny's and test_hf_fsdp's; marked done here so that the cluster runs the
+    # two-task stage and what reads it.
+    config, _ = cli.load_config(args)
+    prints = fingerprints(config)
+    for stage in ("05_verify", "06_eval_bf16", "07_eval_ptq", "08_eval_trained", "09_report"):
+        (experiment / stage).mkdir(parents=True)
+        (experiment / stage / MANIFEST).write_text(json.dumps({"fingerprint": prints[stage], "outputs": {}}))
+    result = run_flow(*args, timeout=900)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+
+    jobs = _job_ids(run_flow(*args, "--status").stdout)
+    assert sorted(jobs) == ["00_data", "01_import", "02_ptq", "03_train", "04_export"], jobs
+    manifest = json.loads((experiment / "03_train" / MANIFEST).read_text())
+    assert manifest["metrics"]["steps"] == 4 and not list(experiment.glob(".03_train.partial-*"))
+    assert all((experiment / "03_train" / name).is_file() for name in manifest["outputs"])
+    log = run_flow(*args, "--logs", "03_train").stdout
+    assert "(rank 0 of 2)" in log and "(rank 1 of 2)" in log and "on 2 processes (FSDP2, rank 0)" in log, log[-3000:]
+    assert log.count(f"done -> {experiment / '03_train'}") == 1, log[-3000:]
+    steps = subprocess.run(["sacct", "-n", "-P", "-o", "JobID,NTasks,State", "-j", jobs["03_train"][0]],
+                           capture_output=True, text=True, check=True).stdout
+    assert any(line.split("|")[1:] == ["2", "COMPLETED"] for line in steps.splitlines()), steps
+    export = json.loads((experiment / "04_export" / MANIFEST).read_text())
+    assert export["inputs"]["03_train"]["fingerprint"] == prints["03_train"]

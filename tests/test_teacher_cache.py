@@ -138,6 +138,49 @@ def test_cached_teacher_at_full_vocab_trains_on_the_full_kl(tiny_model):
     assert float(token_loss(student, rows, None, cached)[1]) == pytest.approx(full, rel=2e-3)
 
 
+def test_cache_built_by_several_ranks_equals_one_process(tiny_model):
+    """Each rank runs every world_size-th batch (each conversation in the batch one process puts it in), all ranks
+    run the same number of forwards (the sharded teacher's forward is a collective), and the gathered rows make the
+    one-process cache exactly: here three ranks over five batches, the ranks played in turn in this process."""
+    from qatflow.backends.hf import teacher_cache
+    from qatflow.backends.shared.modeling import load_model, load_tokenizer
+    from qatflow.chat import tokenize_conversation
+    from tiny_assets import tiny_conversations
+
+    tokenizer = load_tokenizer(tiny_model)
+    teacher = load_model(tiny_model, torch.float32, torch.device("cpu")).eval()
+    items = [tokenize_conversation(tokenizer, r["messages"], 96) for r in tiny_conversations(9, seed=7)]
+    forwards = []
+    teacher.register_forward_hook(lambda *_: forwards.append(1))
+
+    def build(rank: int = 0, world_size: int = 1, gather=None):
+        return teacher_cache.build(teacher, items, 16, 1.0, 2, tokenizer.pad_token_id, torch.device("cpu"),
+                                   torch.float32, "k", rank=rank, world_size=world_size, gather=gather)
+
+    one = build()
+    assert len(forwards) == 5  # 9 conversations in batches of 2
+    parts: list[dict] = []
+
+    class Handed(Exception):
+        """Ranks 1 and 2 stop at the gather, their rows handed over."""
+
+    def hand_over(mine: dict):
+        parts.append(mine)
+        raise Handed
+
+    for rank in (1, 2):
+        forwards.clear()
+        with pytest.raises(Handed):
+            build(rank, 3, gather=hand_over)
+        assert len(forwards) == 2, rank  # batches 1 and 4; batch 2 and a repeated one
+    forwards.clear()
+    made = build(0, 3, gather=lambda mine: [mine, *parts])
+    assert len(forwards) == 2  # batches 0 and 3
+    assert sorted(len(part) for part in parts) == [2, 3]  # batches 1 and 4 (2 + 1 conversations); batch 2
+    for field in ("offsets", "indices", "logprobs", "log_tail"):
+        assert torch.equal(getattr(made, field), getattr(one, field)), field
+
+
 def test_dead_runs_temporaries_are_removed(tmp_path):
     from qatflow.backends.hf import teacher_cache
 

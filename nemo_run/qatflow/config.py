@@ -101,6 +101,9 @@ class TrainConfig:
     # export.dtype, fp32 master weights updated), on CPU too; off: bf16 autocast over fp32 weights on GPU, fp32 on
     # CPU. The nemo backend's bf16-mixed forward is always in bf16.
     served_forward: bool = False
+    # hf backend: recompute each decoder layer's forward in the backward instead of keeping its activations (less
+    # memory for about one more forward a step; the same numbers).
+    activation_checkpointing: bool = False
     checkpoint_every: int = 50
     # Resumable checkpoints (weights + optimizer state, ~16 bytes per parameter) kept in the work folder; deleted
     # once the stage commits. 1 suffices to resume (each is written whole before the previous one goes).
@@ -441,10 +444,23 @@ def validate(config: FlowConfig) -> None:
     if config.run.gpu_memory_gb <= 0:
         raise ConfigError(f"run.gpu_memory_gb={config.run.gpu_memory_gb} must be positive (GB of one GPU)")
     if config.run.backend == "hf":
-        for name in ("ptq_gpus", "train_gpus", "train_nodes", "tensor_parallelism", "pipeline_parallelism"):
+        for name in ("ptq_gpus", "train_nodes", "tensor_parallelism", "pipeline_parallelism"):
             if getattr(config.run, name) != 1:
-                raise ConfigError(f"run.{name}={getattr(config.run, name)}: the hf backend runs on one device; "
-                                  f"use --backend nemo for several GPUs or nodes")
+                raise ConfigError(f"run.{name}={getattr(config.run, name)}: the hf backend runs PTQ, export and "
+                                  f"evaluation on one device and trains on the GPUs of one node (--train-gpus, "
+                                  f"FSDP2); use --backend nemo for tensor or pipeline parallelism or several nodes")
+        gpus = config.run.train_gpus
+        if gpus < 1:
+            raise ConfigError(f"--train-gpus {gpus} must be at least 1")
+        if gpus > 1 and config.train.global_batch_size % (config.train.micro_batch_size * gpus):
+            raise ConfigError(f"train.global_batch_size={config.train.global_batch_size} must be a multiple of "
+                              f"micro_batch_size x --train-gpus = {config.train.micro_batch_size} x {gpus}: each "
+                              f"GPU takes an equal share of a step's conversations")
+        if gpus > 1 and config.train.served_forward:
+            # FSDP2 swaps each layer's parameters in and out around its forward; the served forward's bf16 copies
+            # of norms and embeddings would bypass that.
+            raise ConfigError(f"train.served_forward trains on one device; with --train-gpus {gpus} (FSDP2) set "
+                              f"train.served_forward=false")
     positive = {
         "data.num_train": config.data.num_train, "data.num_validation": config.data.num_validation,
 "ptq.calib_samples": config.ptq.calib_samples,

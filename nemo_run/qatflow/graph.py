@@ -79,7 +79,10 @@ def incomplete(config: FlowConfig, planned: list[PlannedStage]) -> list[str]:
 
 
 def local_tasks(config: FlowConfig, stage: str) -> int:
-    """Processes of a stage on this machine: the nemo backend runs one per GPU of the stage."""
+    """Processes of a stage on this machine: the nemo backend runs one per GPU of the stage, the hf backend one per
+    GPU of 03_train (FSDP2) and one process for every other stage."""
+    if config.run.backend == "hf":
+        return config.run.train_gpus if stage == "03_train" else 1
     if config.run.backend != "nemo" or not stage:
         return 1
     from qatflow.backends.nemo.settings import parallelism

@@ -11,18 +11,24 @@ parallelism PP, the decoder layers' parameters / (TP x PP) plus the vocabulary m
 linear weights among them, T the tokens of one micro batch (micro batch x sequence length), L the decoder layers,
 h the hidden size, I the intermediate size, V the vocabulary:
 
-hf backend, training (backends/hf/trainer.py, distill.py, lean_quant.py; one device):
-  - student weights fp32 (masters used directly)   4 P                               resident
-  - Adam moments fp32 (fused AdamW)                 8 P                               resident
-  - NVFP4 weights cached in bf16 (lean fake quant)  2 Q, remade once per step         resident
-  - teacher weights (QAD, live teacher)             2 P in bf16                       resident
+hf backend, training (backends/hf/trainer.py, distill.py, lean_quant.py; one device, or N GPUs of one node with
+FSDP2 (backends/hf/sharding.py), which divides the student's weights, gradients and Adam moments and the teacher
+by N):
+  - student weights fp32 (masters used directly)   4 P / N                           resident
+  - Adam moments fp32 (fused AdamW)                 8 P / N                           resident
+  - NVFP4 weights cached in bf16 (lean fake quant)  2 Q, remade once per step, whole on every GPU   resident
+  - teacher weights (QAD, live teacher)             2 P / N in bf16                   resident
   - bf16 weight copies (autocast; ModelOpt's fake quant without the lean path)
                                                     2 x (linear weights not cached)   forward/backward
+  - FSDP2's gathered weights (N > 1): the root's (embeddings, lm_head) and two decoder layers' (the one computing,
+    the one prefetched), fp32 for the student and bf16 for a live teacher          forward/backward
   - activations                                     T L (h + I) HF_ACTIVATION_BYTES   forward/backward
+    (train.activation_checkpointing: each layer's fp32 input, T L h 4, plus one layer recomputed)
   - NVFP4 fake-quant inputs kept for the backward   T L (4h + I) FAKE_QUANT_INPUT_BYTES  forward/backward
+    (activation checkpointing: one layer's)
   - logits and loss: bf16 logits, the loss's bf16 gradient and the backward's copy (HF_LOGIT_BYTES per logit),
     the live teacher's bf16 logits (+2), the fp32 loss chunks (LOSS_CHUNK_GB)      forward/backward
-  - gradients fp32                                  4 P                               optimizer step
+  - gradients fp32                                  4 P / N                           optimizer step
 nemo backend, training (Megatron: bf16 parameters, fp32 gradient buffer, fp32 main weights in the optimizer):
   - weights                                         2 P (4 P at precision 32)         resident
   - gradient buffer fp32 (grad_reduce_in_fp32)      4 P                               resident
@@ -227,26 +233,37 @@ def _quantized(config: FlowConfig) -> bool:
 
 def _hf_training(config: FlowConfig, shape: ModelShape) -> Estimate:
     train = config.train
+    gpus = max(1, config.run.train_gpus)
     params, linear = params_per_gpu(shape, Layout(1))
     tokens = train.micro_batch_size * train.seq_len
     cached_weights = linear if _quantized(config) and train.lean_fake_quant else 0.0
     live_teacher = train.method == "qad" and not train.teacher_cache_topk
-    resident = [Term("weights fp32", _gb(params, 4)), Term("Adam fp32", _gb(params, 8))]
+    split = f" / {gpus}" if gpus > 1 else ""
+    resident = [Term(f"weights fp32{split}", _gb(params / gpus, 4)), Term(f"Adam fp32{split}", _gb(params / gpus, 8))]
     if cached_weights:
         resident.append(Term("NVFP4 weights bf16", _gb(cached_weights, 2)))
     if live_teacher:
-        resident.append(Term("teacher bf16", _gb(params, 2)))
+        resident.append(Term(f"teacher bf16{split}", _gb(params / gpus, 2)))
     head = shape.vocab * shape.hidden
     logit_bytes = HF_LOGIT_BYTES + (TEACHER_LOGIT_BYTES if live_teacher else 0.0)
+    # With activation checkpointing a layer's activations live only while it is recomputed.
+    checkpointed = train.activation_checkpointing
+    layers_kept = 1 if checkpointed else shape.layers
     forward = [Term("bf16 weight copies", _gb(linear - cached_weights + head, 2)),
-               Term("activations", _gb(tokens * shape.layers * (shape.hidden + shape.intermediate),
+               Term("activations", _gb(tokens * layers_kept * (shape.hidden + shape.intermediate),
                                        HF_ACTIVATION_BYTES)),
                Term("logits", _gb(tokens * shape.vocab, logit_bytes) + LOSS_CHUNK_GB)]
+    if checkpointed:
+        forward.append(Term("checkpointed layer inputs", _gb(tokens * shape.layers * shape.hidden, 4)))
+    if gpus > 1:
+        gathered = shape.vocab_matrices * head + 2 * shape.layer_params
+        forward.append(Term("FSDP gathered weights", _gb(gathered, 4 + (2 if live_teacher else 0))))
     if _quantized(config):
-        forward.append(Term("fake-quant inputs", _gb(tokens * shape.layers * (4 * shape.hidden + shape.intermediate),
+        forward.append(Term("fake-quant inputs", _gb(tokens * layers_kept * (4 * shape.hidden + shape.intermediate),
                                                      FAKE_QUANT_INPUT_BYTES)))
-    phases = (("forward/backward", tuple(forward)), ("optimizer step", (Term("gradients fp32", _gb(params, 4)),)))
-    return Estimate("training", str(Layout(1)), tuple(resident), phases)
+    phases = (("forward/backward", tuple(forward)),
+              ("optimizer step", (Term(f"gradients fp32{split}", _gb(params / gpus, 4)),)))
+    return Estimate("training", str(Layout(gpus)), tuple(resident), phases)
 
 
 def _nemo_layout(config: FlowConfig, stage: str) -> Layout:
@@ -378,12 +395,24 @@ def _micro_batch_fix(config: FlowConfig, shape: ModelShape) -> str | None:
     return None
 
 
+def _hf_gpus_fix(config: FlowConfig, shape: ModelShape) -> str | None:
+    """The fewest GPUs of one node (more than asked) over which FSDP2 makes the hf backend's training fit."""
+    for gpus in range(config.run.train_gpus + 1, 9):
+        if config.train.global_batch_size % (config.train.micro_batch_size * gpus) == 0 and \
+                _training_fits(_with(config, run={"train_gpus": gpus}), shape):
+            return f"--train-gpus {gpus}"
+    return None
+
+
 def training_fixes(config: FlowConfig, shape: ModelShape) -> list[str]:
-    """Settings that make training fit, each alone: cached teacher, distributed optimizer, micro batch, TP."""
+    """Settings that make training fit, each alone: cached teacher, distributed optimizer, more GPUs (hf: FSDP2),
+    micro batch, TP."""
     fixes = []
     if config.run.backend == "hf" and config.train.method == "qad" and not config.train.teacher_cache_topk and \
             _training_fits(_with(config, train={"teacher_cache_topk": 64}), shape):
         fixes.append("--set train.teacher_cache_topk=64")
+    if config.run.backend == "hf":
+        fixes += [fix for fix in (_hf_gpus_fix(config, shape),) if fix]
     if config.run.backend == "nemo" and not config.nemo.use_distributed_optimizer and \
             _training_fits(_with(config, nemo={"use_distributed_optimizer": True}), shape):
         fixes.append("--set nemo.use_distributed_optimizer=true")

@@ -66,6 +66,9 @@ def preflight(config: FlowConfig, device: str) -> None:
 
         if not torch.cuda.is_available():
             raise ConfigError("run.device=cuda but torch sees no GPU; use --device cpu or auto")
+        if config.run.backend == "hf" and torch.cuda.device_count() < config.run.train_gpus:
+            raise ConfigError(f"--train-gpus {config.run.train_gpus}: torch sees {torch.cuda.device_count()} GPU(s) "
+                              f"on this machine (CUDA_VISIBLE_DEVICES); lower --train-gpus")
     if device == "cpu" and config.run.backend == "hf" and config.ptq.algorithm not in CPU_ALGORITHMS:
         raise ConfigError(f"--algorithm {config.ptq.algorithm} needs a GPU (its fake quantization is CUDA-only); "
                           f"on CPU use one of {', '.join(CPU_ALGORITHMS)}")

@@ -184,9 +184,9 @@ class JobShape:
 
 
 def job_shape(config: FlowConfig, profile: SlurmProfile, stage: str) -> JobShape:
-    """What one stage's job asks for: the hf backend is one process on one device; the nemo backend runs one task
-    per device, with the devices and nodes its settings give each stage (on a CPU-only profile, run.device cpu:
-    the same tasks, no GPU request)."""
+    """What one stage's job asks for: the hf backend is one process on one device, but for 03_train, one task per
+    GPU of one node (--train-gpus); the nemo backend runs one task per device, with the devices and nodes its
+    settings give each stage (on a CPU-only profile, run.device cpu: the same tasks, no GPU request)."""
     if BY_NAME[stage].resources == "cpu":
         return JobShape(0, 1, 1)
     if config.run.backend == "nemo":
@@ -194,7 +194,8 @@ def job_shape(config: FlowConfig, profile: SlurmProfile, stage: str) -> JobShape
 
         shape = parallelism(config, stage)
         return JobShape(shape.devices if profile.gpus else 0, shape.nodes, shape.devices)
-    return JobShape(1 if profile.gpus else 0, 1, 1)
+    tasks = config.run.train_gpus if stage == "03_train" else 1
+    return JobShape(tasks if profile.gpus else 0, 1, tasks)
 
 
 def jobs_root(config: FlowConfig) -> Path:

@@ -53,7 +53,8 @@ STAGE_NAMES = tuple(BY_NAME)
 
 
 # Settings that change how a stage runs or what it prints, not its result: changing them reruns nothing.
-NOT_INPUTS = frozenset({"train.log_every", "train.checkpoint_every", "train.keep_checkpoints"})
+NOT_INPUTS = frozenset({"train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+                        "train.activation_checkpointing"})
 # The nemo section's settings that change a stage's result, by stage (the hf backend reads none of them). The rest
 # decide where and how fast it runs (parallelism, asynchronous saves, the distributed optimizer) or are labels.
 NEMO_INPUTS = {

@@ -12,6 +12,12 @@ wrappers. Anything else keeps ModelOpt's forward. On exit every module is as Mod
 Given the optimizer, the fake-quantized weights are made once per optimizer step (right after it, while the GPU
 still runs the update) instead of in every forward: micro-batches of a step reuse them, and the forward, which
 the host bounds, issues half the launches.
+
+Forwards look a Linear's weight and bias up when they run, never when they are patched, so that a model sharded
+by FSDP2 (``sharding``), which swaps each layer's parameters for the gathered ones around its forward, computes
+with the gathered weight. There the weights cannot be quantized right after the optimizer step (each rank holds a
+shard): the step marks them stale and the first forward of the next step quantizes the gathered weight, which
+the later micro-batches reuse.
 """
 
 from __future__ import annotations
@@ -109,27 +115,36 @@ class _ReuseQuantized(torch.autograd.Function):
 class _CachedWeight:
     """A Linear's fake-quantized weight between optimizer steps. The fused optimizers update parameters without
     moving their version counters, so the optimizer's step hook remakes it; the version check catches every other
-    in-place change (load_state_dict, copy_)."""
+    in-place change (load_state_dict, copy_). `lazy` (a sharded model): the hook only marks it stale, and the next
+    forward remakes it from the weight it computes with; FSDP2 gathers into the same tensor at every forward, so
+    only the hook tells a new step."""
 
-    weight: torch.nn.Parameter
+    module: torch.nn.Module
     amax: torch.Tensor
+    lazy: bool = False
     dtype: torch.dtype | None = None
     version: int = -1
     value: torch.Tensor | None = None
 
-    def get(self, dtype: torch.dtype) -> torch.Tensor:
-        if self.value is None or self.dtype != dtype or self.version != self.weight._version:
+    def get(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.value is None or self.dtype != dtype or (not self.lazy and self.version != weight._version):
             self.dtype = dtype
-            self.refresh()
+            self._make(weight)
         assert self.value is not None
         return self.value
 
     def refresh(self) -> None:
+        if self.lazy:
+            self.value = None
+            return
         if self.dtype is None:  # not used yet: made by the first forward, in the dtype it computes in
             return
+        self._make(self.module._parameters["weight"])
+
+    def _make(self, weight: torch.Tensor) -> None:
         with torch.no_grad():
-            self.value = fake_quant(self.weight.detach(), self.amax, self.dtype)
-        self.version = self.weight._version
+            self.value = fake_quant(weight.detach(), self.amax, self.dtype)
+        self.version = weight._version
 
 
 def _is_lean_nvfp4(quantizer) -> bool:
@@ -215,9 +230,12 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return t.dtype
 
 
-def _linear_forward(weight: torch.nn.Parameter, bias, in_amax, w_amax, cache: _SharedInput | None,
+def _linear_forward(module: torch.nn.Module, in_amax, w_amax, cache: _SharedInput | None,
                     w_cache: _CachedWeight | None):
-    """F.linear on the fake-quantized input and weight, as ModelOpt's QuantLinear computes it."""
+    """F.linear on the fake-quantized input and weight, as ModelOpt's QuantLinear computes it; the weight and bias
+    are the module's at call time (a plain dict lookup, not ModelOpt's attribute machinery)."""
+    parameters = module._parameters
+
     def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if in_amax is not None:
             quantized = cache.take(x)
@@ -225,9 +243,10 @@ def _linear_forward(weight: torch.nn.Parameter, bias, in_amax, w_amax, cache: _S
                 quantized = _StraightThrough.apply(x, in_amax, _compute_dtype(x))
                 cache.put(x, quantized)
             x = quantized
-        w = weight
+        w = parameters["weight"]
+        bias = parameters.get("bias")
         if w_cache is not None:
-            w = _ReuseQuantized.apply(w, w_cache.get(_compute_dtype(w)))
+            w = _ReuseQuantized.apply(w, w_cache.get(w, _compute_dtype(w)))
         elif w_amax is not None:
             w = _StraightThrough.apply(w, w_amax, _compute_dtype(w))
         return F.linear(x, w, bias)
@@ -245,11 +264,12 @@ def _original_forward(module: torch.nn.Module):
 
 @contextlib.contextmanager
 def lean_fake_quant(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    cache_weights: bool = False) -> Iterator[LeanPlan]:
+                    cache_weights: bool = False, sharded: bool = False) -> Iterator[LeanPlan]:
     """Within the context, NVFP4 Linears and quantizer-free ModelOpt modules of `model` run lean forwards. With
     `optimizer` (the one that updates `model`), quantized weights are cached and remade after each of its steps;
     with `cache_weights` (a model that is only evaluated), cached until a weight changes in place; otherwise every
-    forward quantizes them."""
+    forward quantizes them. `sharded`: the model is sharded by FSDP2 (enter the context after sharding it), and
+    cached weights are remade by the first forward after each step."""
     from modelopt.torch.quantization.nn import QuantModule, TensorQuantizer
 
     plan = LeanPlan()
@@ -274,13 +294,11 @@ def lean_fake_quant(model: torch.nn.Module, optimizer: torch.optim.Optimizer | N
                     key = (id(parent), float(in_amax.detach().float().cpu()))
                     cache = groups.setdefault(key, _SharedInput())
                     cache.members += 1
-                weight = module._parameters["weight"]
                 w_cache = None
                 if w_amax is not None and (optimizer is not None or cache_weights):
-                    w_cache = _CachedWeight(weight, w_amax)
+                    w_cache = _CachedWeight(module, w_amax, lazy=sharded)
                     plan.weights.append(w_cache)
-                module.__dict__["forward"] = _linear_forward(weight, module._parameters.get("bias"), in_amax,
-                                                             w_amax, cache, w_cache)
+                module.__dict__["forward"] = _linear_forward(module, in_amax, w_amax, cache, w_cache)
                 if in_amax is None and w_amax is None:
                     plan.linear_plain += 1
                 else:

@@ -85,18 +85,30 @@ class TeacherCache:
 @torch.no_grad()
 def build(teacher, items: Sequence[TokenizedConversation], topk: int, temperature: float, batch_size: int,
           pad_id: int, device: torch.device, autocast_dtype: torch.dtype, key: str,
-          log: Callable[[str], None] = print) -> TeacherCache:
+          log: Callable[[str], None] = print, rank: int = 0, world_size: int = 1,
+          gather: Callable[[dict], list[dict]] | None = None) -> TeacherCache:
     """One teacher forward over every conversation (longest first, to pad little), top-k of each supervised
-    position."""
-    per_item: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * len(items)
+    position.
+
+    Several ranks (a sharded teacher): rank r runs batches r, r + world_size, ..., each conversation in the batch one
+    process puts it in, and `gather` (an all-gather) hands every rank the others' rows. Every rank runs the same
+    number of forwards, since the sharded teacher's forward is a collective: one short of that repeats a batch and
+    drops its rows."""
+    per_item: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     order = sorted(range(len(items)), key=lambda i: -len(items[i].input_ids))
+    starts = list(range(0, len(order), batch_size))
+    mine = starts[rank::world_size]
+    rounds = -(-len(starts) // world_size)
     started = time.time()
     use_autocast = device.type == "cuda" and autocast_dtype != torch.float32
-    for n, start in enumerate(range(0, len(order), batch_size)):
+    for n in range(rounds):
+        start = mine[n] if n < len(mine) else starts[0]
         ids = order[start:start + batch_size]
         batch = collate([items[i] for i in ids], pad_id).to(device)
         with torch.autocast("cuda", dtype=autocast_dtype, enabled=use_autocast):
             logits = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        if n >= len(mine):
+            continue
         mask = torch.zeros_like(batch.loss_mask)
         mask[:, :-1] = batch.assistant_target_mask
         idx, logp, tail = (t.cpu() for t in topk_of(logits, supervised_rows(mask), topk, temperature))
@@ -106,11 +118,15 @@ def build(teacher, items: Sequence[TokenizedConversation], topk: int, temperatur
             per_item[i] = (idx[offset:offset + count], logp[offset:offset + count], tail[offset:offset + count])
             offset += count
         if (n + 1) % 50 == 0:
-            log(f"teacher cache: {start + len(ids)}/{len(items)} conversations ({time.time() - started:.0f}s)")
-    counts = torch.tensor([len(part[0]) for part in per_item], dtype=torch.int64)  # type: ignore[index]
+            done = min(len(items), (n + 1) * batch_size * world_size)
+            log(f"teacher cache: {done}/{len(items)} conversations ({time.time() - started:.0f}s)")
+    if gather is not None:
+        for part in gather(per_item):
+            per_item.update(part)
+    counts = torch.tensor([len(per_item[i][0]) for i in range(len(items))], dtype=torch.int64)
     offsets = torch.zeros(len(items) + 1, dtype=torch.int64)
     offsets[1:] = counts.cumsum(0)
-    return TeacherCache(offsets, *(torch.cat([part[j] for part in per_item]) for j in range(3)),  # type: ignore
+    return TeacherCache(offsets, *(torch.cat([per_item[i][j] for i in range(len(items))]) for j in range(3)),
                         topk=topk, temperature=temperature, key=key)
 
 
@@ -127,9 +143,9 @@ def _remove_stale(folder: Path) -> None:
 
 
 def load_or_build(folder: Path, key: str, make: Callable[[], TeacherCache],
-                  log: Callable[[str], None] = print) -> tuple[TeacherCache, Path, bool]:
-    """The cache named `key` in `folder`, built by `make` (and saved atomically) when absent. Returns it, its
-    path and whether it was reused."""
+                  log: Callable[[str], None] = print, write: bool = True) -> tuple[TeacherCache, Path, bool]:
+    """The cache named `key` in `folder`, built by `make` (and saved atomically, unless `write` is false: another
+    rank of the same build saves it) when absent. Returns it, its path and whether it was reused."""
     folder.mkdir(parents=True, exist_ok=True)
     _remove_stale(folder)
     path = folder / f"topk_{key}.pt"
@@ -142,7 +158,8 @@ def load_or_build(folder: Path, key: str, make: Callable[[], TeacherCache],
         log(f"teacher cache: {path} holds another key; rebuilding")
     started = time.time()
     cache = make()
-    cache.save(path)
+    if write:
+        cache.save(path)
     log(f"teacher cache: {cache.indices.shape[0]} positions, top {cache.topk}, {cache.nbytes / 2**20:.1f} MiB, "
         f"built in {time.time() - started:.1f}s -> {path}")
     return cache, path, False
