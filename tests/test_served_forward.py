@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from tiny_assets import quantized_tiny_llama
 
 from qatflow.backends.hf.lean_quant import lean_fake_quant
 from qatflow.backends.hf.served_forward import served_logits
@@ -17,20 +18,7 @@ from qatflow.half_linear_cpu import fp32_accumulating_linears
 
 @pytest.fixture(scope="module")
 def quantized_llama():
-    import modelopt.torch.quantization as mtq
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from qatflow import nvfp4_cpu
-    from qatflow.backends.hf.quantize import share_fused_scales
-
-    nvfp4_cpu.install()
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=256, architectures=["LlamaForCausalLM"])
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    ids = torch.randint(0, 256, (2, 24))
-    model = mtq.quantize(model, copy.deepcopy(mtq.NVFP4_DEFAULT_CFG), lambda m: m(input_ids=ids))
-    share_fused_scales(model)
+    model, ids = quantized_tiny_llama()
     return model, ids, torch.ones_like(ids)
 
 

@@ -216,3 +216,26 @@ def build_tiny_qwen3(save_dir: Path, hidden_size: int = 64, layers: int = 2, hea
         **_token_ids(tokenizer),
     )
     return _save_random(Qwen3ForCausalLM, config, tokenizer, save_dir, seed, spread_norms=True)
+
+
+def quantized_tiny_llama():
+    """A random 2-layer Llama quantized to NVFP4 by real ModelOpt on CPU, with q/k/v and gate/up sharing input
+    scales as after 02_ptq; returns the model and the calibration ids."""
+    import copy
+
+    import modelopt.torch.quantization as mtq
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qatflow import nvfp4_cpu
+    from qatflow.backends.hf.quantize import share_fused_scales
+
+    nvfp4_cpu.install()
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=256, architectures=["LlamaForCausalLM"])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    ids = torch.randint(0, 256, (2, 24))
+    model = mtq.quantize(model, copy.deepcopy(mtq.NVFP4_DEFAULT_CFG), lambda m: m(input_ids=ids))
+    share_fused_scales(model)
+    return model, ids
