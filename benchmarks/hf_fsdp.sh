@@ -34,7 +34,9 @@ for gpus in $counts; do
     name=gpus_$gpus
     rm -rf "$work/runs/$name"
     mkdir -p "$work/runs/$name"
-    cp -r "$work/runs/prepared"/0[012]_* "$work/runs/$name/"
+    # Hard links: the 8B inputs are ~50 GB, and no stage writes into the folders it reads.
+    cp -al "$work/runs/prepared"/0[012]_* "$work/runs/$name/" 2>/dev/null || \
+        cp -r "$work/runs/prepared"/0[012]_* "$work/runs/$name/"
     stamp "03_train on $gpus GPU(s)"
     python3 - "${settings[@]}" --experiment "$name" --train-gpus "$gpus" <<PY
 import sys

@@ -228,3 +228,30 @@ def _start_runner(recipe: Path, log_dir: Path, name: str) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-c", RUNNER, *_args(recipe, log_dir)], cwd=REPO, stdout=out,
                                 stderr=err, start_new_session=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO / "nemo_run")})
+
+
+def test_checkpoints_of_either_kind_are_listed_by_step_and_dropped_with_unfinished_ones(tmp_path):
+    from qatflow.backends.hf import sharding, trainer
+
+    (tmp_path / "step_000010.pt").write_bytes(b"one process")
+    (tmp_path / "step_000005").mkdir()  # distributed: a folder of shards
+    (tmp_path / "step_000005" / ".metadata").write_bytes(b"")
+    (tmp_path / ".step_000015.tmp").mkdir()  # a distributed save killed before its rename
+    (tmp_path / ".step_000020.pt.tmp").write_bytes(b"")  # a one-process save killed before its rename
+    assert [path.name for path in sharding.checkpoints(tmp_path)] == ["step_000005", "step_000010.pt"]
+    assert [sharding.checkpoint_step(path) for path in sharding.checkpoints(tmp_path)] == [5, 10]
+    assert [path.name for path in sharding.temporary_checkpoints(tmp_path)] == [".step_000015.tmp",
+                                                                               ".step_000020.pt.tmp"]
+    assert len(trainer.drop_checkpoints(tmp_path)) == 4 and not list(tmp_path.iterdir())
+
+
+def test_processes_meet_where_their_launcher_says(monkeypatch):
+    from qatflow.backends.hf.sharding import rendezvous
+
+    for name in ("MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "1234567")
+    assert rendezvous() == "tcp://127.0.0.1:19567"  # srun's tasks of one node: 15000 + the job id's last 4 digits
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29400")
+    assert rendezvous() == "env://"  # torchrun's
