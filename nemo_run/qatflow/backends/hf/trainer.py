@@ -66,10 +66,6 @@ def lr_lambda(config: FlowConfig):
     return factor
 
 
-def _checkpoints(work_dir: Path) -> list[Path]:
-    return sharding.checkpoints(work_dir)
-
-
 def save_checkpoint(work_dir: Path, step: int, model, optimizer, scheduler, history: list[dict],
                     keep: int) -> Path:
     """A resumable checkpoint; the `keep` newest stay. One is enough to resume: each is whole or absent."""
@@ -78,7 +74,7 @@ def save_checkpoint(work_dir: Path, step: int, model, optimizer, scheduler, hist
     torch.save({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "history": history}, tmp)
     os.replace(tmp, path)  # a checkpoint is whole or absent
-    for old in _checkpoints(work_dir)[:-keep]:
+    for old in sharding.checkpoints(work_dir)[:-keep]:
         sharding.remove(old)
     return path
 
@@ -86,7 +82,7 @@ def save_checkpoint(work_dir: Path, step: int, model, optimizer, scheduler, hist
 def drop_checkpoints(work_dir: Path) -> list[Path]:
     """After the stage is committed nothing resumes from the work folder: its checkpoints (optimizer state
     included) go; the teacher cache beside it stays for reruns."""
-    dropped = [*_checkpoints(work_dir), *sharding.temporary_checkpoints(work_dir)]
+    dropped = [*sharding.checkpoints(work_dir), *sharding.temporary_checkpoints(work_dir)]
     for path in dropped:
         sharding.remove(path)
     return dropped
