@@ -179,8 +179,9 @@ def test_two_processes_killed_rank_resumes_on_any_process_count_and_match_one_pr
         second = first + 5
         assert [path.name for path in _checkpoint(experiment, "step_*")] == [f"step_{second:06d}.pt"]
 
-        # The first command again: two processes resume the one-process checkpoint and every later stage runs.
-        rerun = _start(args, tmp_path, "rerun")
+        # The first command again: two processes resume the one-process checkpoint and every later stage runs;
+        # they gather each layer's weights and reduce-scatter its gradients once a step, which changes no result.
+        rerun = _start([*args, "--set", "train.fsdp_gather_once_per_step=true"], tmp_path, "rerun")
         started.append(rerun)
         assert rerun.wait(WAIT_SECONDS) == 0, _output(tmp_path, "rerun")
         out = (tmp_path / "rerun.out").read_text()

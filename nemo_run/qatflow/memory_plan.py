@@ -22,6 +22,7 @@ by N):
                                                     2 x (linear weights not cached)   forward/backward
   - FSDP2's gathered weights (N > 1): the root's (embeddings, lm_head) and two decoder layers' (the one computing,
     the one prefetched), fp32 for the student and bf16 for a live teacher          forward/backward
+    (train.fsdp_gather_once_per_step: the student's 4 P whole, and its gradients 4 P unsharded)
   - activations                                     T L (h + I) HF_ACTIVATION_BYTES   forward/backward
     (train.activation_checkpointing: each layer's fp32 input, T L h 4, plus one layer recomputed)
   - NVFP4 fake-quant inputs kept for the backward   T L (4h + I) FAKE_QUANT_INPUT_BYTES  forward/backward
@@ -257,7 +258,13 @@ def _hf_training(config: FlowConfig, shape: ModelShape) -> Estimate:
         forward.append(Term("checkpointed layer inputs", _gb(tokens * shape.layers * shape.hidden, 4)))
     if gpus > 1:
         gathered = shape.vocab_matrices * head + 2 * shape.layer_params
-        forward.append(Term("FSDP gathered weights", _gb(gathered, 4 + (2 if live_teacher else 0))))
+        if train.fsdp_gather_once_per_step:  # the student whole through the step, and its gradients unsharded
+            forward += [Term("FSDP weights gathered for the step fp32", _gb(params, 4)),
+                        Term("unsharded gradients fp32", _gb(params, 4))]
+            if live_teacher:
+                forward.append(Term("FSDP gathered teacher weights", _gb(gathered, 2)))
+        else:
+            forward.append(Term("FSDP gathered weights", _gb(gathered, 4 + (2 if live_teacher else 0))))
     if _quantized(config):
         forward.append(Term("fake-quant inputs", _gb(tokens * layers_kept * (4 * shape.hidden + shape.intermediate),
                                                      FAKE_QUANT_INPUT_BYTES)))

@@ -54,7 +54,7 @@ STAGE_NAMES = tuple(BY_NAME)
 
 # Settings that change how a stage runs or what it prints, not its result: changing them reruns nothing.
 NOT_INPUTS = frozenset({"train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                        "train.activation_checkpointing"})
+                        "train.activation_checkpointing", "train.fsdp_gather_once_per_step"})
 # The nemo section's settings that change a stage's result, by stage (the hf backend reads none of them). The rest
 # decide where and how fast it runs (parallelism, asynchronous saves, the distributed optimizer) or are labels.
 NEMO_INPUTS = {

@@ -7,6 +7,10 @@ weights are gathered for its forward and again for its backward, and the gradien
 teacher is sharded the same way; the teacher's top-k cache is filled by all ranks, each running its share of the
 batches (teacher_cache.build).
 
+With train.fsdp_gather_once_per_step the student's layers stay gathered from a step's first forward to its last
+backward and its gradients accumulate unsharded, reduce-scattered once after the last micro batch: one all-gather
+and one reduce-scatter per layer a step instead of two all-gathers and one reduce-scatter per micro batch.
+
 Data parallel: each rank takes a contiguous share of a step's conversations and forms the same micro-batches one
 process would, and every loss is divided by the whole step's assistant tokens (every rank counts them), so the
 ranks' gradients are summed, not averaged: a step is one process's step up to the order of float sums.
@@ -85,6 +89,7 @@ class Sharding:
     rank: int = 0
     world_size: int = 1
     mesh: Any = None
+    gather_once_per_step: bool = False  # train.fsdp_gather_once_per_step
 
     @property
     def sharded(self) -> bool:
@@ -130,8 +135,9 @@ class Sharding:
         if not layers:
             raise RuntimeError(f"{type(model).__name__} names no decoder layer class (_no_split_modules): the hf "
                                f"backend cannot shard it; train it with --train-gpus 1")
+        keep = self.gather_once_per_step and not frozen
         for layer in layers:
-            fully_shard(layer, mesh=self.mesh)
+            fully_shard(layer, mesh=self.mesh, reshard_after_forward=not keep)
         fully_shard(model, mesh=self.mesh, **({"reshard_after_forward": True} if frozen else {}))
         for module in model.modules():
             if isinstance(module, FSDPModule):
@@ -150,6 +156,13 @@ class Sharding:
             return step_ids
         size = len(step_ids) // self.world_size
         return step_ids[self.rank * size:(self.rank + 1) * size]
+
+    def micro_batch(self, model, last: bool) -> None:
+        """Before a micro batch's forward: with gather_once_per_step only the step's last backward reduce-scatters
+        the gradients and reshards the weights; the earlier ones keep both whole for the next micro batch."""
+        if self.sharded and self.gather_once_per_step:
+            model.set_requires_gradient_sync(last)
+            model.set_reshard_after_backward(last)
 
     def totals(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
         """The step's summed losses over every rank, as floats (one synchronisation a step)."""
@@ -314,4 +327,4 @@ def start(config: FlowConfig) -> Sharding:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=rendezvous(),
                                 rank=ranks.rank, world_size=ranks.world_size, timeout=TIMEOUT, **options)
     mesh = init_device_mesh(device.type, (ranks.world_size,))
-    return Sharding(device, ranks.rank, ranks.world_size, mesh)
+    return Sharding(device, ranks.rank, ranks.world_size, mesh, config.train.fsdp_gather_once_per_step)

@@ -237,6 +237,7 @@ def train(ctx: StageContext) -> dict:
             mine = shards.share(step_ids)  # this rank's conversations of the step
             for start in range(0, len(mine), train_cfg.micro_batch_size):
                 micro_ids = mine[start:start + train_cfg.micro_batch_size]
+                shards.micro_batch(model, last=start + train_cfg.micro_batch_size >= len(mine))
                 inputs = _micro_inputs(items, micro_ids, tokenizer.pad_token_id, cache, device)
                 for name, value in _micro_step(model, teacher, *inputs, config, autocast_dtype,
                                                tokens_in_step).items():
