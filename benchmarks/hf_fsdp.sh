@@ -10,7 +10,8 @@
 # "+once" (train.fsdp_gather_once_per_step) and/or "+bf16" (a BF16 fine-tune: --algorithm no_quant, cross-entropy,
 # from its own 02_ptq). Stage code runs in-process (benchmarks/run_stages_inprocess.py), 03_train under torchrun.
 # HF_FSDP_SETTINGS adds CLI settings (a CPU rehearsal: SHAPE tiny, "--device cpu"); HF_FSDP_VERIFY=0 skips
-# 04_export/05_verify; HF_FSDP_KEEP=0 deletes each run's trained weights once measured (the 8B ones are 32 GB).
+# 04_export/05_verify; HF_FSDP_KEEP=0 deletes each run's trained weights once the next run starts (the 8B ones are
+# 32 GB).
 set -euo pipefail
 inputs=$1 work=$2 shape=$3 runs=$4 steps=${5:-12} topk=${6:-64}
 here=$(cd "$(dirname "$0")" && pwd)
@@ -59,7 +60,8 @@ print(plan_for(config).describe(config.run.gpu_memory_gb))
 PY
     python3 -m torch.distributed.run --nproc-per-node "$gpus" "$here/run_stages_inprocess.py" "${settings[@]}" \
         "${extra[@]}" --experiment "$name" --train-gpus "$gpus" --stages 03_train
-    if [ "${HF_FSDP_KEEP:-1}" = 0 ]; then rm -rf "$work/runs/$name/03_train/model"; fi
+    # The previous run's weights are no longer needed (the last run's are, by 04_export).
+    if [ "${HF_FSDP_KEEP:-1}" = 0 ] && [ -n "$last" ]; then rm -rf "$work/runs/$last/03_train/model"; fi
     last=$name last_extra=("${extra[@]}")
 done
 if [ "${HF_FSDP_VERIFY:-1}" != 0 ]; then
