@@ -32,7 +32,10 @@ if [ ! -f "$model/config.json" ]; then
     fi
 fi
 stamp "00_data 01_import 02_ptq (one GPU)"
-python3 "$here/run_stages_inprocess.py" "${settings[@]}" --experiment prepared --stages 00_data 01_import 02_ptq
+# Planned for the most GPUs of the runs (an 8B QAD fits no single GPU; the GPU count is no input of these stages).
+most=$(for run in $runs; do echo "${run%%+*}"; done | sort -n | tail -1)
+python3 "$here/run_stages_inprocess.py" "${settings[@]}" --train-gpus "$most" --experiment prepared \
+    --stages 00_data 01_import 02_ptq
 last=""
 for run in $runs; do
     gpus=${run%%+*} name=gpus_${run//+/_} extra=() prepared=prepared
@@ -42,7 +45,8 @@ for run in $runs; do
         stamp "02_ptq without quantization (BF16 fine-tune)"
         mkdir -p "$work/runs/prepared_bf16"
         cp -al "$work/runs/prepared"/0[01]_* "$work/runs/prepared_bf16/"
-        python3 "$here/run_stages_inprocess.py" "${settings[@]}" "${bf16[@]}" --experiment prepared_bf16 --stages 02_ptq
+        python3 "$here/run_stages_inprocess.py" "${settings[@]}" "${bf16[@]}" --train-gpus "$most" \
+            --experiment prepared_bf16 --stages 02_ptq
     fi
     rm -rf "$work/runs/$name"
     mkdir -p "$work/runs/$name"
@@ -66,7 +70,7 @@ PY
 done
 if [ "${HF_FSDP_VERIFY:-1}" != 0 ]; then
     stamp "04_export 05_verify of $last (one GPU)"
-    python3 "$here/run_stages_inprocess.py" "${settings[@]}" "${last_extra[@]}" --experiment "$last" \
+    python3 "$here/run_stages_inprocess.py" "${settings[@]}" "${last_extra[@]}" --train-gpus "$most" --experiment "$last" \
         --stages 04_export 05_verify || stamp "05_verify failed"
 fi
 python3 - "$work/runs" $runs <<'PY'
