@@ -39,7 +39,8 @@ python3 "$here/run_stages_inprocess.py" "${settings[@]}" --train-gpus "$most" --
 last=""
 for run in $runs; do
     gpus=${run%%+*} name=gpus_${run//+/_} extra=() prepared=prepared
-    case $run in *+once*) extra+=(--set train.fsdp_gather_once_per_step=true) ;; esac
+    case $run in *+once*) extra+=(--set train.fsdp_gather_once_per_step=true) ;;
+                 *) extra+=(--set train.fsdp_gather_once_per_step=false) ;; esac
     case $run in *+bf16*) extra+=("${bf16[@]}") prepared=prepared_bf16 ;; esac
     if [ "$prepared" = prepared_bf16 ] && [ ! -d "$work/runs/prepared_bf16/02_ptq" ]; then
         stamp "02_ptq without quantization (BF16 fine-tune)"

@@ -62,6 +62,15 @@ def hf(source: str, shape: str, mode: str, peak: float | None, batch: int = 2, o
     return Measured(source, shape, mode, peak, settings, outlier)
 
 
+def hf_fsdp(source: str, shape: str, mode: str, peak: float, gpus: int, once: bool) -> Measured:
+    """benchmarks/hf_fsdp.sh: micro batch 1 x 2048, 8 conversations a step, over `gpus` GPUs."""
+    row = hf(source, shape, mode, peak, batch=1)
+    row.settings["train"].update({"global_batch_size": 8, "fsdp_gather_once_per_step": once})
+    row.settings["run"] = {"train_gpus": gpus}
+    label = f"{mode}, FSDP2 x {gpus}" + (", gathered once a step" if once else "")
+    return Measured(source, shape, label, peak, row.settings)
+
+
 def nemo(source: str, shape: str, mode: str, peak: float, gpus: int = 1) -> Measured:
     settings = {section: dict(values) for section, values in NEMO_GPU.items()}
     settings["run"].update({"train_gpus": gpus, "ptq_gpus": gpus, "tensor_parallelism": gpus})
@@ -92,6 +101,11 @@ MEASURED = [
     hf("H200, serving-and-scale", "8.03B", "bf16", 121.6, batch=1),
     hf("H200, serving-and-scale", "8.03B", "qad-lean", None, batch=1),
     hf("H200, serving-and-scale", "8.03B", "qad-topk", None, batch=1),
+    hf("2 x H200, benchmarks.md 12", "~1.5B", "qad-topk", 32.7, batch=1),
+    hf_fsdp("2 x H200, benchmarks.md 12", "~1.5B", "qad-topk", 22.32, gpus=2, once=False),
+    hf_fsdp("2 x H200, benchmarks.md 12", "~1.5B", "qad-topk", 28.52, gpus=2, once=True),
+    hf_fsdp("2 x H200, benchmarks.md 12", "8.03B", "qad-lean", 104.34, gpus=2, once=False),
+    hf_fsdp("2 x H200, benchmarks.md 12", "8.03B", "bf16-lean", 95.9, gpus=2, once=False),
     nemo("H100, benchmarks.md 7", "SmolLM2-135M", "nemo QAD", 22.9),
     nemo("2 x H200, benchmarks.md 7", "25M", "nemo QAD", 2.80),
     nemo("2 x H200, benchmarks.md 7", "25M", "nemo QAD TP=2", 1.55, gpus=2),

@@ -12,7 +12,7 @@ from conftest import REPO, run_flow
 
 from qatflow import cli
 from qatflow.config import ConfigError, FlowConfig
-from qatflow.memory_plan import FIT_SHARE, check, load_shape, plan
+from qatflow.memory_plan import FIT_SHARE, check, choose_fsdp_gather, load_shape, plan
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import memory_plan_check as measured  # noqa: E402  (the measured peaks, with their sources)
@@ -122,6 +122,19 @@ def test_hf_training_over_several_gpus_shards_weights_optimizer_and_teacher(tmp_
     # Refused on one 80 GB GPU: more GPUs of the same backend are named.
     with pytest.raises(ConfigError, match=r"--train-gpus \d"):
         check(settings(model, train=qad), gpu_run=True)
+    # Gathering once a step keeps the whole fp32 student and its gradients on every GPU; left unset, it is chosen
+    # where that fits: not for 8B on two H200s, yes on eight, not on eight 80 GB GPUs, never on CPU.
+    _, once = training(2, fsdp_gather_once_per_step=True)
+    assert once["unsharded gradients fp32"] == once["FSDP weights gathered for the step fp32"] == \
+        pytest.approx(2 * two_terms["weights fp32"])
+    for gpus, memory, gpu_run, chosen in ((2, 141, True, False), (8, 141, True, True), (8, 80, True, False),
+                                          (8, 141, False, False)):
+        config = settings(model, train=qad, run={"train_gpus": gpus, "gpu_memory_gb": memory})
+        choose_fsdp_gather(config, gpu_run)
+        assert config.train.fsdp_gather_once_per_step is chosen, (gpus, memory, gpu_run)
+    config = settings(model, train={**qad, "fsdp_gather_once_per_step": True}, run={"train_gpus": 2})
+    choose_fsdp_gather(config, True)
+    assert config.train.fsdp_gather_once_per_step is True  # a setting given is kept
 
 
 @pytest.mark.parametrize("row", [row for row in measured.MEASURED if row.peak_gb is not None],

@@ -106,8 +106,9 @@ class TrainConfig:
     activation_checkpointing: bool = False
     # hf backend, --train-gpus > 1 (FSDP2): keep each layer's gathered fp32 weights and its unsharded gradients
     # through a step's micro batches, so that the weights are gathered and the gradients reduce-scattered once a
-    # step instead of once per micro batch (fewer collectives, about 8 bytes per parameter more on every GPU).
-    fsdp_gather_once_per_step: bool = False
+    # step instead of once per micro batch (fewer collectives, 8 bytes per parameter more on every GPU). Unset: on
+    # for GPU runs whose memory plan fits with it, else off.
+    fsdp_gather_once_per_step: Optional[bool] = None
     checkpoint_every: int = 50
     # Resumable checkpoints (weights + optimizer state, ~16 bytes per parameter) kept in the work folder; deleted
     # once the stage commits. 1 suffices to resume (each is written whole before the previous one goes).

@@ -441,6 +441,21 @@ def _layout_of(config: FlowConfig, stage: str) -> Layout:
     return _nemo_layout(config, stage) if config.run.backend == "nemo" else Layout(1)
 
 
+def choose_fsdp_gather(config: FlowConfig, gpu_run: bool) -> None:
+    """Sets an unset train.fsdp_gather_once_per_step: on when the hf backend trains on several GPUs and the plan
+    with it fits (fewer collectives a step), off otherwise (CPU runs and unknown shapes included)."""
+    train = config.train
+    if train.fsdp_gather_once_per_step is not None:
+        return
+    train.fsdp_gather_once_per_step = False
+    if config.run.backend != "hf" or config.run.train_gpus < 2 or not gpu_run:
+        return
+    shape = load_shape(config.model.name, config.model.revision)
+    if shape is not None:
+        train.fsdp_gather_once_per_step = _training_fits(
+            _with(config, train={"fsdp_gather_once_per_step": True}), shape)
+
+
 def check(config: FlowConfig, gpu_run: bool) -> None:
     """Refuse, with one line naming the estimate and settings that would fit, a GPU run whose plan does not fit;
     CPU runs, unknown shapes and run.memory_check=false pass."""

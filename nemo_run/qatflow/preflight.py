@@ -55,11 +55,13 @@ def preflight(config: FlowConfig, device: str) -> None:
         check_model_parallel_split(config, model_path)
 
     from qatflow.memory_plan import check as check_memory
+    from qatflow.memory_plan import choose_fsdp_gather
 
     # Settings first, then this machine: a plan that cannot fit is refused whether or not a GPU is here. The nemo
     # backend runs on GPUs unless run.device=cpu (its CPU rehearsal): with auto its jobs are GPU jobs even when
     # planned on a machine without one (a login node).
     gpu_run = device == "cuda" or (config.run.backend == "nemo" and config.run.device != "cpu")
+    choose_fsdp_gather(config, gpu_run=gpu_run)
     check_memory(config, gpu_run=gpu_run)
     if device == "cuda" and config.run.executor == "local":
         import torch

@@ -327,4 +327,4 @@ def start(config: FlowConfig) -> Sharding:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=rendezvous(),
                                 rank=ranks.rank, world_size=ranks.world_size, timeout=TIMEOUT, **options)
     mesh = init_device_mesh(device.type, (ranks.world_size,))
-    return Sharding(device, ranks.rank, ranks.world_size, mesh, config.train.fsdp_gather_once_per_step)
+    return Sharding(device, ranks.rank, ranks.world_size, mesh, bool(config.train.fsdp_gather_once_per_step))
