@@ -55,9 +55,14 @@ def test_dry_run_with_a_pyxis_profile_prints_the_sbatch_scripts(monkeypatch):
                       "--distill", "--dry-run", "--backend", "nemo", "--recipe", "llama31_8b", "--train-gpus", "8",
                       "--train-nodes", "2",
                       "--tensor-parallelism", "2", "--pipeline-parallelism", "2", "--ptq-gpus", "4",
-                      "--set", "train.global_batch_size=32", "--set", "train.micro_batch_size=2")
+                      "--set", "train.global_batch_size=32", "--set", "train.micro_batch_size=2",
+                      "--data-path", "/lustre/fsw/qatflow/chats.jsonl")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
+    # Over ssh a path missing here is the cluster's: 00_data checks it first, and every other job waits for it.
+    assert ("not on this machine, checked on the cluster by 00_data before any other job starts: --data-path "
+            "/lustre/fsw/qatflow/chats.jsonl") in out
+    assert "first checks: data, rendering" in out
     scripts = {}
     for block in out.split("# ---- ")[1:]:
         scripts[block.split(":", 1)[0]] = block
@@ -74,6 +79,7 @@ def test_dry_run_with_a_pyxis_profile_prints_the_sbatch_scripts(monkeypatch):
         assert line in train, line
     assert "HF_TOKEN" in train.split("--container-env ")[1].split()[0]  # passed by name into the container
     assert "#SBATCH --gpus-per-node=4" in scripts["02_ptq"] and "#SBATCH --nodes=1" in scripts["02_ptq"]
+    assert "--dependency=afterok:<00_data>" in scripts["01_import"].splitlines()[0]
     assert "#SBATCH --partition=cpu" in scripts["00_data"] and "gpus-per-node" not in scripts["00_data"]
     assert "#SBATCH --cpus-per-task=8" in scripts["09_report"]
     assert "/lustre/fsw/qatflow/jobs/qat_flow_ckpts/" in train  # the tunnel's job_dir on the cluster
@@ -114,6 +120,7 @@ def test_dry_run_of_hf_training_on_several_gpus_asks_one_task_per_gpu():
      "is below --tensor-parallelism 2"),
     ({"gpus": False}, ["--backend", "nemo"], "gpus=false but --backend nemo needs GPUs"),
     ({"nodes": 3}, [], "bad setting 'nodes'"),
+    ({}, ["--data-path", "/cluster/only.jsonl"], "--data-path /cluster/only.jsonl: no such file or folder"),
 ])
 def test_profile_errors_are_one_line_and_name_the_fix(tmp_path, changes, argv, message):
     profile = _profile(tmp_path, **changes)
@@ -176,6 +183,30 @@ def test_secrets_are_checked_before_queueing_and_reach_sbatch_by_name_only(tmp_p
         config, _ = cli.load_config(["--use-slurm", "--slurm-profile", str(ssh), "--log-dir", str(tmp_path)])
         with pytest.raises(ConfigError, match="secret QATFLOW_TEST_SECRET holds a line break"):
             slurm.check_cluster(config, list(STAGE_NAMES))
+
+
+def test_paths_missing_here_are_left_to_the_cluster_only_over_ssh(tmp_path, monkeypatch):
+    from qatflow.cluster_checks import FORCE_ENV, InputPath, job_checks, paths_to_defer
+    from qatflow.executors import get_executor
+
+    monkeypatch.delenv(FORCE_ENV, raising=False)
+    here = InputPath("model", "--model-name", str(tmp_path), True)
+    data = InputPath("data", "--data-path", "/cluster/chats.jsonl", False)
+    template = InputPath("chat_template", "--chat-template", "/cluster/t.jinja", False)
+    assert paths_to_defer([here, data, template], paths_on_cluster=True) == [data, template]
+    assert paths_to_defer([here, data, template], paths_on_cluster=False) == []
+    assert job_checks([template, data], {"00_data", "01_import"}) == ["data", "chat_template", "rendering"]
+    assert job_checks([template], {"04_export"}) == ["chat_template"]
+    assert job_checks([], {"00_data", "01_import"}) == []
+
+    ssh = _profile(tmp_path, **{"tunnel.kind": "ssh", "tunnel.host": "login", "tunnel.user": "me",
+                                "tunnel.job_dir": "/jobs"})
+    argv = ["--log-dir", str(tmp_path), "--data-path", "/cluster/chats.jsonl"]
+    config, _ = cli.load_config(["--use-slurm", "--slurm-profile", str(ssh), *argv])  # not refused
+    assert [item.path for item in cli.deferred_paths(config, get_executor(config))] == ["/cluster/chats.jsonl"]
+    for executor in (["--use-slurm", "--slurm-profile", "local"], ["--executor", "local"]):
+        with pytest.raises(ConfigError, match="--data-path /cluster/chats.jsonl: no such file or folder"):
+            cli.load_config([*executor, *argv])
 
 
 def test_partitions_from_sinfo():
