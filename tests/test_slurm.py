@@ -186,7 +186,7 @@ def test_secrets_are_checked_before_queueing_and_reach_sbatch_by_name_only(tmp_p
 
 
 def test_paths_missing_here_are_left_to_the_cluster_only_over_ssh(tmp_path, monkeypatch):
-    from qatflow.cluster_checks import FORCE_ENV, InputPath, job_checks, paths_to_defer
+    from qatflow.cluster_checks import FORCE_ENV, InputPath, job_checks, paths_to_defer, run_check
     from qatflow.executors import get_executor
 
     monkeypatch.delenv(FORCE_ENV, raising=False)
@@ -207,6 +207,16 @@ def test_paths_missing_here_are_left_to_the_cluster_only_over_ssh(tmp_path, monk
     for executor in (["--use-slurm", "--slurm-profile", "local"], ["--executor", "local"]):
         with pytest.raises(ConfigError, match="--data-path /cluster/chats.jsonl: no such file or folder"):
             cli.load_config([*executor, *argv])
+
+    # The job runs each left check by name: the CLI's own check functions, so the CLI's own messages.
+    config, _ = cli.load_config(["--use-slurm", "--slurm-profile", str(ssh), *argv, "--model-name", "/cluster/m",
+                                 "--hf-tokenizer", "/cluster/tok", "--chat-template", "/cluster/t.jinja"])
+    for name, message in [("data", "--data-path /cluster/chats.jsonl: no such file or folder"),
+                          ("model", "--model-name /cluster/m: no such file or folder"),
+                          ("hf_tokenizer", "--hf-tokenizer /cluster/tok: no such folder"),
+                          ("chat_template", "--chat-template /cluster/t.jinja: no such file")]:
+        with pytest.raises(ConfigError, match=message):
+            run_check(name, config, "00_data")
 
 
 def test_partitions_from_sinfo():
