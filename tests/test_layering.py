@@ -19,7 +19,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("numerics", ("qatflow.evaluation", "qatflow.export_reload")),
     ("backends", ("qatflow.backends",)),
     ("stages", ("qatflow.stages",)),
-    ("planning", ("qatflow.memory_plan", "qatflow.preflight", "qatflow.input_checks", "qatflow.graph")),
+    ("planning", ("qatflow.memory_plan", "qatflow.preflight", "qatflow.input_checks", "qatflow.cluster_checks",
+                  "qatflow.graph")),
     ("executors", ("qatflow.executors",)),
     ("cli", ("qatflow.cli",)),
 )

@@ -22,7 +22,7 @@ import pytest
 import yaml
 from conftest import ENTRY, REPO, processes_mentioning, run_flow
 
-from qatflow import cli
+from qatflow import cli, lifecycle
 from qatflow.config import ConfigError
 from qatflow.executors import slurm
 from qatflow.stages import BY_NAME, STAGE_NAMES
@@ -55,9 +55,14 @@ def test_dry_run_with_a_pyxis_profile_prints_the_sbatch_scripts(monkeypatch):
                       "--distill", "--dry-run", "--backend", "nemo", "--recipe", "llama31_8b", "--train-gpus", "8",
                       "--train-nodes", "2",
                       "--tensor-parallelism", "2", "--pipeline-parallelism", "2", "--ptq-gpus", "4",
-                      "--set", "train.global_batch_size=32", "--set", "train.micro_batch_size=2")
+                      "--set", "train.global_batch_size=32", "--set", "train.micro_batch_size=2",
+                      "--data-path", "/lustre/fsw/qatflow/chats.jsonl")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
+    # Over ssh a path missing here is the cluster's: 00_data checks it first, and every other job waits for it.
+    assert ("not on this machine, checked on the cluster by 00_data before any other job starts: --data-path "
+            "/lustre/fsw/qatflow/chats.jsonl") in out
+    assert "first checks: data, rendering" in out
     scripts = {}
     for block in out.split("# ---- ")[1:]:
         scripts[block.split(":", 1)[0]] = block
@@ -74,6 +79,7 @@ def test_dry_run_with_a_pyxis_profile_prints_the_sbatch_scripts(monkeypatch):
         assert line in train, line
     assert "HF_TOKEN" in train.split("--container-env ")[1].split()[0]  # passed by name into the container
     assert "#SBATCH --gpus-per-node=4" in scripts["02_ptq"] and "#SBATCH --nodes=1" in scripts["02_ptq"]
+    assert "--dependency=afterok:<00_data>" in scripts["01_import"].splitlines()[0]
     assert "#SBATCH --partition=cpu" in scripts["00_data"] and "gpus-per-node" not in scripts["00_data"]
     assert "#SBATCH --cpus-per-task=8" in scripts["09_report"]
     assert "/lustre/fsw/qatflow/jobs/qat_flow_ckpts/" in train  # the tunnel's job_dir on the cluster
@@ -114,6 +120,7 @@ def test_dry_run_of_hf_training_on_several_gpus_asks_one_task_per_gpu():
      "is below --tensor-parallelism 2"),
     ({"gpus": False}, ["--backend", "nemo"], "gpus=false but --backend nemo needs GPUs"),
     ({"nodes": 3}, [], "bad setting 'nodes'"),
+    ({}, ["--data-path", "/cluster/only.jsonl"], "--data-path /cluster/only.jsonl: no such file or folder"),
 ])
 def test_profile_errors_are_one_line_and_name_the_fix(tmp_path, changes, argv, message):
     profile = _profile(tmp_path, **changes)
@@ -176,6 +183,40 @@ def test_secrets_are_checked_before_queueing_and_reach_sbatch_by_name_only(tmp_p
         config, _ = cli.load_config(["--use-slurm", "--slurm-profile", str(ssh), "--log-dir", str(tmp_path)])
         with pytest.raises(ConfigError, match="secret QATFLOW_TEST_SECRET holds a line break"):
             slurm.check_cluster(config, list(STAGE_NAMES))
+
+
+def test_paths_missing_here_are_left_to_the_cluster_only_over_ssh(tmp_path, monkeypatch):
+    from qatflow.cluster_checks import FORCE_ENV, InputPath, job_checks, paths_to_defer, run_check
+    from qatflow.executors import get_executor
+
+    monkeypatch.delenv(FORCE_ENV, raising=False)
+    here = InputPath("model", "--model-name", str(tmp_path), True)
+    data = InputPath("data", "--data-path", "/cluster/chats.jsonl", False)
+    template = InputPath("chat_template", "--chat-template", "/cluster/t.jinja", False)
+    assert paths_to_defer([here, data, template], paths_on_cluster=True) == [data, template]
+    assert paths_to_defer([here, data, template], paths_on_cluster=False) == []
+    assert job_checks([template, data], {"00_data", "01_import"}) == ["data", "chat_template", "rendering"]
+    assert job_checks([template], {"04_export"}) == ["chat_template"]
+    assert job_checks([], {"00_data", "01_import"}) == []
+
+    ssh = _profile(tmp_path, **{"tunnel.kind": "ssh", "tunnel.host": "login", "tunnel.user": "me",
+                                "tunnel.job_dir": "/jobs"})
+    argv = ["--log-dir", str(tmp_path), "--data-path", "/cluster/chats.jsonl"]
+    config, _ = cli.load_config(["--use-slurm", "--slurm-profile", str(ssh), *argv])  # not refused
+    assert [item.path for item in cli.deferred_paths(config, get_executor(config))] == ["/cluster/chats.jsonl"]
+    for executor in (["--use-slurm", "--slurm-profile", "local"], ["--executor", "local"]):
+        with pytest.raises(ConfigError, match="--data-path /cluster/chats.jsonl: no such file or folder"):
+            cli.load_config([*executor, *argv])
+
+    # The job runs each left check by name: the CLI's own check functions, so the CLI's own messages.
+    config, _ = cli.load_config(["--use-slurm", "--slurm-profile", str(ssh), *argv, "--model-name", "/cluster/m",
+                                 "--hf-tokenizer", "/cluster/tok", "--chat-template", "/cluster/t.jinja"])
+    for name, message in [("data", "--data-path /cluster/chats.jsonl: no such file or folder"),
+                          ("model", "--model-name /cluster/m: no such file or folder"),
+                          ("hf_tokenizer", "--hf-tokenizer /cluster/tok: no such folder"),
+                          ("chat_template", "--chat-template /cluster/t.jinja: no such file")]:
+        with pytest.raises(ConfigError, match=message):
+            run_check(name, config, "00_data")
 
 
 def test_partitions_from_sinfo():
@@ -325,31 +366,49 @@ def test_tiny_flow_as_dependent_slurm_jobs(cluster_env, tiny_recipe, tmp_path):
     assert again.returncode == 0 and "every stage is complete" in again.stdout
 
 
-def test_failed_stage_cancels_its_dependents_and_exits_nonzero(cluster_env, tiny_recipe, tmp_path):
-    bad = tmp_path / "bad.jsonl"  # passes the CLI's check; 00_data finds at run time that no row is a conversation
-    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
-    bad.write_text((json.dumps(row) + "\n") * 100)
+@pytest.mark.parametrize("cause", ["bad_rows", "path_on_cluster_only"])
+def test_failed_00_data_cancels_its_dependents_and_exits_nonzero(cluster_env, tiny_recipe, tmp_path, monkeypatch,
+                                                                  cause):
+    """bad_rows: the data passes the CLI's check, and 00_data finds at run time that no row is a conversation.
+    path_on_cluster_only: the data path is not on this machine and the CLI leaves its checks to the cluster (forced
+    here, as over ssh): 00_data runs them before anything else, and every other job waits for it."""
+    from qatflow.cluster_checks import FORCE_ENV
+
+    bad = tmp_path / "bad.jsonl"
     args = ("--recipe", str(tiny_recipe), "--log-dir", str(tmp_path), "--experiment", "broken",
             "--executor", "slurm", "--slurm-profile", "local", "--data-path", str(bad))
-    driver = subprocess.Popen([sys.executable, str(ENTRY), *args], cwd=REPO, text=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE)
-    while not (tmp_path / "broken" / "config.yaml").exists() and driver.poll() is None:
-        time.sleep(0.02)  # the CLI writes it once its checks passed, just before it submits
-    bad.write_text("".join(f"not a conversation {i}\n" for i in range(20)))
-    result = subprocess.CompletedProcess(driver.args, 0, *driver.communicate(timeout=900))
-    result.returncode = driver.returncode
+    if cause == "bad_rows":
+        row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+        bad.write_text((json.dumps(row) + "\n") * 100)
+        driver = subprocess.Popen([sys.executable, str(ENTRY), *args], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE)
+        while not (tmp_path / "broken" / "config.yaml").exists() and driver.poll() is None:
+            time.sleep(0.02)  # the CLI writes it once its checks passed, just before it submits
+        bad.write_text("".join(f"not a conversation {i}\n" for i in range(20)))
+        result = subprocess.CompletedProcess(driver.args, 0, *driver.communicate(timeout=900))
+        result.returncode = driver.returncode
+        error, started = "rows are malformed", {"01_import": "SUCCEEDED"}
+    else:
+        monkeypatch.setenv(FORCE_ENV, "1")
+        result = run_flow(*args)
+        error, started = f"ConfigError: --data-path {bad}: no such file or folder", {}
+        assert f"checked on the cluster by 00_data before any other job starts: --data-path {bad}" in result.stdout
     assert result.returncode == 1, result.stdout[-4000:] + result.stderr[-4000:]
-    assert "stages without a complete result: 00_data, 02_ptq" in result.stderr
-    assert "malformed" in result.stdout  # the failed job's log tail
+    assert "stages without a complete result: 00_data, " in result.stderr
+    assert error in result.stdout  # the failed job's log tail
 
     status = run_flow(*args, "--status")
     assert status.returncode == 1, status.stdout + status.stderr
     states = {stage: state for stage, (_, state) in _job_ids(status.stdout).items()}
-    dependents = [name for name in STAGE_NAMES if name not in ("00_data", "01_import")]
-    assert states == {"00_data": "FAILED", "01_import": "SUCCEEDED", **{name: "CANCELLED" for name in dependents}}
+    assert states == {"00_data": "FAILED", **{name: started.get(name, "CANCELLED") for name in STAGE_NAMES[1:]}}
     assert "FAILED exit 1:0" in status.stdout
-    log = run_flow(*args, "--logs", "00_data")
-    assert log.returncode == 0 and "[00_data" in log.stdout and "rows are malformed" in log.stdout
+    if cause == "bad_rows":
+        log = run_flow(*args, "--logs", "00_data")
+        assert log.returncode == 0 and "[00_data" in log.stdout and error in log.stdout, log.stdout[-3000:]
+    else:
+        assert f"00_data failed: {error}" in result.stderr  # the check's own line, as the CLI prints its refusals
+        # The check failed before the stage opened anything: no stage folder, lock or partial result.
+        assert sorted(path.name for path in (tmp_path / "broken").iterdir()) == ["config.yaml", "slurm"]
 
 
 def test_cancel_stops_a_submitted_experiment(cluster_env, tiny_recipe, tmp_path):
@@ -450,11 +509,31 @@ def test_hf_training_as_two_slurm_tasks_commits_once(cluster_env, tiny_recipe, t
     # The scoring stages are test_flow_tiny's and test_hf_fsdp's; marked done here so that the cluster runs the
     # two-task stage and what reads it.
     prints = _mark_scoring_done(args, experiment)
-    result = run_flow(*args, timeout=900)
+    driver = subprocess.Popen([sys.executable, str(ENTRY), *args], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    try:
+        # While the two tasks train, a second run of the experiment is refused, naming rank 0's task.
+        deadline, holder = time.time() + 600, None
+        while holder is None and driver.poll() is None and time.time() < deadline:
+            holder = lifecycle.holder(experiment, "03_train")
+            time.sleep(0.2)
+        assert holder is not None, "03_train never held its lock"
+        holder_env = Path(f"/proc/{holder['pid']}/environ").read_bytes().split(b"\0")
+        second = run_flow(*args)
+        result = subprocess.CompletedProcess(driver.args, 0, *driver.communicate(timeout=900))
+        result.returncode = driver.returncode
+    finally:
+        if driver.poll() is None:
+            driver.kill()
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert second.returncode == 2, second.stdout[-3000:] + second.stderr[-3000:]
+    assert (f"03_train is already running in another run of this experiment (pid {holder['pid']} on "
+            f"{holder['host']}, since") in second.stderr, second.stderr
 
     jobs = _job_ids(run_flow(*args, "--status").stdout)
     assert sorted(jobs) == ["00_data", "01_import", "02_ptq", "03_train", "04_export"], jobs
+    # The holder was the first of the job's two srun tasks.
+    assert {b"SLURM_PROCID=0", f"SLURM_JOB_ID={jobs['03_train'][0]}".encode(), b"SLURM_NTASKS=2"} <= set(holder_env)
     manifest = json.loads((experiment / "03_train" / MANIFEST).read_text())
     assert manifest["metrics"]["steps"] == 4 and not list(experiment.glob(".03_train.partial-*"))
     assert all((experiment / "03_train" / name).is_file() for name in manifest["outputs"])

@@ -9,6 +9,7 @@ import re
 import sys
 import time
 import warnings
+from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,7 @@ from qatflow.config import BACKENDS, EXECUTORS, ConfigError, FlowConfig, build_c
 from qatflow.stages import STAGE_NAMES
 
 if TYPE_CHECKING:
+    from qatflow.cluster_checks import InputPath
     from qatflow.executors import FlowExecutor
 
 DEFAULT_RECIPE = "smollm2_135m"
@@ -138,7 +140,11 @@ def absolutize_paths(config: FlowConfig) -> None:
     """Settings from recipes or --set may name relative paths too; jobs run elsewhere."""
     config.run.log_dir = str(Path(config.run.log_dir).expanduser().resolve())
     if config.model.chat_template:
-        config.model.chat_template = str(paths.resolve_chat_template(config.model.chat_template))
+        template = paths.absolutize(config.model.chat_template) or config.model.chat_template
+        # A template that is not here is refused by input_checks, or left to the cluster (cluster_checks).
+        with suppress(ConfigError):
+            template = str(paths.resolve_chat_template(template))
+        config.model.chat_template = template
     config.data.path = paths.absolutize(config.data.path)
     config.model.name = paths.absolutize(config.model.name) or config.model.name
 
@@ -155,11 +161,22 @@ def load_config(argv: list[str] | None = None) -> tuple[FlowConfig, argparse.Nam
 
     executor = get_executor(config)
     executor.check_settings(config)
-    input_checks.check_files(config, dry_run=args.dry_run)
+    device = executor.job_device(config)
+    deferred = {item.check for item in deferred_paths(config, executor)}
+    input_checks.check_files(config, dry_run=args.dry_run, deferred=deferred)
     from qatflow.preflight import preflight
 
-    preflight(config, device=executor.job_device(config))
+    preflight(config, device=device)
     return config, args
+
+
+def deferred_paths(config: FlowConfig, executor: FlowExecutor) -> list[InputPath]:
+    """The paths named by the settings that are not on this machine but may be on the cluster the jobs run on:
+    the first job checks them (qatflow.cluster_checks)."""
+    from qatflow import cluster_checks
+
+    on_cluster = cluster_checks.forced() or executor.paths_on_cluster(config)
+    return cluster_checks.paths_to_defer(cluster_checks.input_paths(config), on_cluster)
 
 
 def print_results(config: FlowConfig) -> None:
@@ -232,7 +249,7 @@ def print_failures(config: FlowConfig, executor: FlowExecutor, failed: list[str]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from qatflow import graph, input_checks
+    from qatflow import cluster_checks, graph, input_checks
     from qatflow.executors import get_executor
 
     # torch warns on import that the pynvml package is deprecated: noise in every error of the CLI.
@@ -246,11 +263,16 @@ def main(argv: list[str] | None = None) -> int:
         planned = graph.plan(config, force=args.force, from_stage=args.from_stage,
                              one_at_a_time=executor.one_at_a_time)
         pending = set(graph.pending(planned))
-        input_checks.check_inputs(config, pending, dry_run=args.dry_run)
+        deferred = deferred_paths(config, executor)
+        input_checks.check_inputs(config, pending, dry_run=args.dry_run, deferred={item.check for item in deferred})
+        planned = graph.checks_first(planned, cluster_checks.job_checks(deferred, pending))
     except ConfigError as error:
         print_error(error)
         return 2
     print(graph.describe(config, planned))
+    checking = next((stage.name for stage in planned if stage.checks), None)
+    if checking:
+        print(f"\n{cluster_checks.describe(deferred, checking)}")
     if args.dry_run:
         from qatflow.memory_plan import plan_for
 

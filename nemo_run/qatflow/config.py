@@ -349,12 +349,6 @@ def _validate_nemo(config: FlowConfig) -> None:
     if config.train.method == "qad" and config.train.temperature != 1.0:
         raise ConfigError(f"train.temperature={config.train.temperature}: NeMo's distillation loss has no temperature; "
                           f"use 1.0 with --backend nemo, or --backend hf")
-    if config.model.chat_template:
-        template = paths.resolve_chat_template(config.model.chat_template).read_text()
-        if "generation" not in template:
-            raise ConfigError(f"--chat-template {config.model.chat_template}: NeMo's chat data needs "
-                              f"{{% generation %}} tags around assistant replies for assistant-only loss; use a "
-                              f"template shipped in chat_templates/ or add the tags")
     if nemo.layer_spec == "local" and nemo.fusions:
         raise ConfigError("nemo.fusions need Transformer Engine: with nemo.layer_spec=local set nemo.fusions=false")
     if config.train.global_batch_size % (config.train.micro_batch_size * (total_train // model_parallel)):
@@ -500,12 +494,7 @@ def validate(config: FlowConfig) -> None:
     if config.ptq.calib_samples > config.data.num_train:
         raise ConfigError(f"ptq.calib_samples={config.ptq.calib_samples} exceeds data.num_train="
                           f"{config.data.num_train}: lower one or raise the other")
-    if config.model.chat_template:
-        paths.resolve_chat_template(config.model.chat_template)  # raises ConfigError if missing
-    if config.data.path:
-        data_path = Path(config.data.path)
-        if not data_path.exists():
-            raise ConfigError(f"--data-path {config.data.path}: no such file or folder")
+    # The files that settings name are checked by qatflow.input_checks (or by the first job, on a cluster).
     from qatflow.data import source_names  # stdlib only; imported here to keep config free of data code
 
     if config.data.source not in source_names():

@@ -7,8 +7,8 @@ and runs the graph; this module imports none of them.
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Sequence
 
 from qatflow.config import FlowConfig
 from qatflow.manifest import StageOutput, is_complete
@@ -33,6 +33,8 @@ class PlannedStage:
     status: str  # "done" (skipped), "pending" or "forced"
     depends: tuple[str, ...]
     runs_after: tuple[str, ...]  # scheduling order (on one machine, one stage at a time)
+    # qatflow.cluster_checks names of the checks this stage's job runs before the stage: inputs only the cluster sees
+    checks: tuple[str, ...] = ()
 
 
 def plan(config: FlowConfig, force: bool = False, from_stage: str | None = None,
@@ -56,6 +58,18 @@ def plan(config: FlowConfig, force: bool = False, from_stage: str | None = None,
             queued.append(spec.name)
         planned.append(PlannedStage(spec.name, prints[spec.name], status, spec.depends, runs_after))
     return planned
+
+
+def checks_first(planned: list[PlannedStage], checks: Sequence[str]) -> list[PlannedStage]:
+    """The first pending stage runs `checks` before itself, and every other pending stage runs after it: a failed
+    check stops the whole graph before any other job starts."""
+    names = pending(planned)
+    if not checks or not names:
+        return planned
+    first = names[0]
+    return [replace(stage, checks=tuple(checks)) if stage.name == first
+            else replace(stage, runs_after=stage.runs_after or (first,)) if stage.name in names else stage
+            for stage in planned]
 
 
 def forget(config: FlowConfig, planned: list[PlannedStage]) -> None:
@@ -106,6 +120,8 @@ def describe(config: FlowConfig, planned: list[PlannedStage]) -> str:
         if stage.status != "done":
             lines.append(f"{'':<16} task: run.Partial(qatflow.stages.runner.run_stage, stage={stage.name!r}) "
                          f"-> qatflow.stages.{spec.module} on the {spec.resources} executor")
+            if stage.checks:
+                lines.append(f"{'':<16} first checks: {', '.join(stage.checks)} (qatflow.cluster_checks)")
             backend_line = _backend_description(config, stage.name)
             if backend_line:
                 lines.append(f"{'':<16} {config.run.backend}: {backend_line}")
@@ -126,6 +142,7 @@ def add_tasks(experiment, config: FlowConfig, planned: list[PlannedStage],
     it; returns stage -> task id."""
     import nemo_run as run
 
+    from qatflow.cluster_checks import run_stage_after_checks
     from qatflow.stages.runner import run_stage
 
     config_yaml = config.to_yaml()
@@ -134,7 +151,11 @@ def add_tasks(experiment, config: FlowConfig, planned: list[PlannedStage],
         if stage.status == "done":
             continue
         spec = BY_NAME[stage.name]
-        task = run.Partial(run_stage, stage=stage.name, config_yaml=config_yaml)
+        if stage.checks:
+            task = run.Partial(run_stage_after_checks, stage=stage.name, config_yaml=config_yaml,
+                               checks=list(stage.checks))
+        else:
+            task = run.Partial(run_stage, stage=stage.name, config_yaml=config_yaml)
         task_ids[stage.name] = experiment.add(
             task, executor=stage_executor(config, spec.resources, stage.name), name=stage.name, tail_logs=True,
             dependencies=[task_ids[dep] for dep in stage.runs_after])

@@ -14,7 +14,7 @@ import os
 import struct
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import yaml
 
@@ -99,17 +99,51 @@ def _is_path_like(name: str) -> bool:
 
 
 def check_model_files(config: FlowConfig, dry_run: bool = False) -> None:
-    """The local model named by --model-name, read as far as 01_import reads it without loading weights, and a
-    local --hf-tokenizer (hub ids are resolved by check_inputs, which alone may use the network)."""
+    """The local model named by --model-name, read as far as 01_import reads it without loading weights (hub ids
+    are resolved by check_inputs, which alone may use the network)."""
     name = config.model.name
+    path = Path(name).expanduser()
     if name.startswith(paths.PACKAGE_SCHEME):
-        check_gguf(paths.resolve_package_file(name), "--model-name")
+        path = paths.resolve_package_file(name)
+        check_gguf(path, "--model-name")
     elif _is_path_like(name):
-        path = Path(name).expanduser()
-        if path.is_file() and path.suffix == ".gguf":
+        if not path.exists():
+            raise ConfigError(f"--model-name {name}: no such file or folder")
+        if path.is_file() and path.suffix != ".gguf":
+            raise ConfigError(f"--model-name {name}: a file that is not .gguf; give a HF folder, hub id or .gguf")
+        if path.is_file():
             check_gguf(path, "--model-name")
-        elif path.is_dir():
+        else:
             check_model_folder(path, weights=not dry_run)
+    if config.run.backend == "nemo":
+        check_model_parallel_split(config, path)
+
+
+def check_model_parallel_split(config: FlowConfig, model_path: Path) -> None:
+    """Megatron splits attention heads and KV heads over tensor-parallel ranks and layers over pipeline stages;
+    a split that does not divide fails only inside 02_ptq, after the import. Local models are checked here."""
+    import math
+
+    from qatflow.model_shape import model_shape
+
+    shape = model_shape(str(model_path))
+    if shape is None:
+        return
+    tensor, pipeline = config.run.tensor_parallelism, config.run.pipeline_parallelism
+    if shape["heads"] % tensor or shape["kv_heads"] % tensor:
+        common = math.gcd(shape["heads"], shape["kv_heads"])
+        fits = [str(n) for n in range(1, common + 1) if common % n == 0]
+        raise ConfigError(f"--tensor-parallelism {tensor}: {config.model.name} has {shape['heads']} attention heads "
+                          f"and {shape['kv_heads']} KV heads, which do not split over {tensor} ranks; use "
+                          f"--tensor-parallelism {' or '.join(fits)}")
+    if shape["layers"] and shape["layers"] % pipeline:
+        raise ConfigError(f"--pipeline-parallelism {pipeline}: {config.model.name} has {shape['layers']} layers, "
+                          f"which do not split into {pipeline} equal pipeline stages; use a divisor of "
+                          f"{shape['layers']}")
+
+
+def check_tokenizer_folder(config: FlowConfig) -> None:
+    """A local --hf-tokenizer is a folder with tokenizer files."""
     tokenizer = config.model.hf_tokenizer
     if tokenizer and _is_path_like(tokenizer):
         if not Path(tokenizer).expanduser().is_dir():
@@ -286,6 +320,11 @@ def _resolve_on_hub(name: str, setting: str, revision: str | None) -> None:
 # ---------------------------------------------------------------------------------------------- data
 
 
+def check_data_path(config: FlowConfig) -> None:
+    if config.data.path and not Path(config.data.path).exists():
+        raise ConfigError(f"--data-path {config.data.path}: no such file or folder")
+
+
 def check_data(config: FlowConfig) -> list[dict]:
     """The data read and split exactly as 00_data will; returns a sample of its conversations. The built-in corpus
     is shipped and needs no check."""
@@ -319,6 +358,17 @@ def _with_setting(setting: str, value: str, message: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- chat template
+
+
+def check_template_file(config: FlowConfig) -> None:
+    """--chat-template names a file or a shipped template; NeMo's chat data needs its generation tags."""
+    if not config.model.chat_template:
+        return
+    template = paths.resolve_chat_template(config.model.chat_template).read_text()
+    if config.run.backend == "nemo" and "generation" not in template:
+        raise ConfigError(f"--chat-template {config.model.chat_template}: NeMo's chat data needs "
+                          f"{{% generation %}} tags around assistant replies for assistant-only loss; use a "
+                          f"template shipped in chat_templates/ or add the tags")
 
 
 def template_setting(config: FlowConfig) -> str:
@@ -454,19 +504,29 @@ def one_line(message: str) -> str:
     return joined
 
 
-def check_files(config: FlowConfig, dry_run: bool = False) -> None:
+def check_files(config: FlowConfig, dry_run: bool = False, deferred: Collection[str] = ()) -> None:
     """Cheap checks of files named by the settings (run before preflight, which reads some of them).
-    A dry run plans from a model's config.json alone, so it does not ask for the weights."""
+    A dry run plans from a model's config.json alone, so it does not ask for the weights. `deferred`: the
+    qatflow.cluster_checks names of the paths that the first job checks instead (they are on the cluster only)."""
     check_log_dir(config)
-    check_model_files(config, dry_run=dry_run)
+    if "chat_template" not in deferred:
+        check_template_file(config)
+    if "data" not in deferred:
+        check_data_path(config)
+    if "model" not in deferred:
+        check_model_files(config, dry_run=dry_run)
+    if "hf_tokenizer" not in deferred:
+        check_tokenizer_folder(config)
 
 
-def check_inputs(config: FlowConfig, pending: set[str], dry_run: bool = False) -> None:
+def check_inputs(config: FlowConfig, pending: set[str], dry_run: bool = False, deferred: Collection[str] = ()) -> None:
     """The data in full when 00_data will read it, then the tokenizer and chat template on a sample of it when a
     stage that tokenizes will run (a dry run does not ask for the tokenizer files of a folder that has none).
-    A rerun whose stages are complete reads nothing again."""
+    A rerun whose stages are complete reads nothing again. What reads a `deferred` path is left to the first job."""
     if "01_import" in pending:
         check_hub_ids(config, dry_run=dry_run)
+    if deferred:
+        return  # the data and the rendering need a path that only the cluster has: the first job checks them
     if "00_data" in pending:
         sample = check_data(config)
     elif pending & TEMPLATE_STAGES:

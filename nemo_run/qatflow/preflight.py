@@ -6,8 +6,6 @@ import importlib.util
 import os
 from pathlib import Path
 
-from qatflow import paths
-from qatflow.model_shape import model_shape
 from qatflow.config import ConfigError, FlowConfig
 
 # Formats whose fake quantization runs on CPU tensors (ModelOpt's own kernels for the others are CUDA-only).
@@ -15,44 +13,11 @@ CPU_ALGORITHMS = ("nvfp4", "no_quant")
 VERIFIED_ALGORITHMS = ("nvfp4", "no_quant")  # the exports 05_verify computes as served (qatflow.export_reload)
 
 
-def check_model_parallel_split(config: FlowConfig, model_path: Path) -> None:
-    """Megatron splits attention heads and KV heads over tensor-parallel ranks and layers over pipeline stages;
-    a split that does not divide fails only inside 02_ptq, after the import. Local models are checked here."""
-    import math
-
-    shape = model_shape(str(model_path))
-    if shape is None:
-        return
-    tensor, pipeline = config.run.tensor_parallelism, config.run.pipeline_parallelism
-    if shape["heads"] % tensor or shape["kv_heads"] % tensor:
-        common = math.gcd(shape["heads"], shape["kv_heads"])
-        fits = [str(n) for n in range(1, common + 1) if common % n == 0]
-        raise ConfigError(f"--tensor-parallelism {tensor}: {config.model.name} has {shape['heads']} attention heads "
-                          f"and {shape['kv_heads']} KV heads, which do not split over {tensor} ranks; use "
-                          f"--tensor-parallelism {' or '.join(fits)}")
-    if shape["layers"] and shape["layers"] % pipeline:
-        raise ConfigError(f"--pipeline-parallelism {pipeline}: {config.model.name} has {shape['layers']} layers, "
-                          f"which do not split into {pipeline} equal pipeline stages; use a divisor of "
-                          f"{shape['layers']}")
-
-
 def preflight(config: FlowConfig, device: str) -> None:
-    """`device`: where the stages' jobs compute (the executor's job_device)."""
-    name = config.model.name
-    packaged = name.startswith(paths.PACKAGE_SCHEME)
-    # Resolving a pkg:// name checks that the package holds the file.
-    model_path = paths.resolve_package_file(name) if packaged else Path(name)
-    if not packaged and model_path.exists():
-        if model_path.is_dir() and not (model_path / "config.json").is_file():
-            raise ConfigError(f"--model-name {name}: a folder without config.json; give a Hugging Face model folder")
-        if model_path.is_file() and model_path.suffix != ".gguf":
-            raise ConfigError(f"--model-name {name}: a file that is not .gguf; give a HF folder, hub id or .gguf")
-    elif not packaged and name.startswith(("/", ".", "~")):
-        raise ConfigError(f"--model-name {name}: no such file or folder")
-    if name.endswith(".gguf") and importlib.util.find_spec("gguf") is None:
+    """`device`: where the stages' jobs compute (the executor's job_device). The model's own files are
+    qatflow.input_checks' (check_model_files)."""
+    if config.model.name.endswith(".gguf") and importlib.util.find_spec("gguf") is None:
         raise ConfigError("GGUF models need the `gguf` package: pip install gguf")
-    if config.run.backend == "nemo":
-        check_model_parallel_split(config, model_path)
 
     from qatflow.memory_plan import check as check_memory
     from qatflow.memory_plan import choose_fsdp_gather

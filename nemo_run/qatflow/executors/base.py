@@ -30,6 +30,11 @@ class FlowExecutor(ABC):
         """Where the stages' jobs compute, cuda or cpu, as the settings say: here, this machine's run.device."""
         return resolve_device(config.run.device)
 
+    def paths_on_cluster(self, config: FlowConfig) -> bool:
+        """Whether the jobs read the paths the settings name on another machine than this one, which may lack them
+        (qatflow.cluster_checks); here they run on this machine."""
+        return False
+
     def check(self, config: FlowConfig, planned: list[PlannedStage]) -> None:
         """Refuses, before anything is queued or forgotten, what would fail later: here, a stage that another run of
         the experiment is still running; subclasses add the executor's own side (a cluster, a daemon)."""

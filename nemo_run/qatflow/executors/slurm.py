@@ -720,6 +720,10 @@ class SlurmFlowExecutor(FlowExecutor):
             raise ConfigError("run.device=cuda but the Slurm profile has gpus: false; use --device cpu or auto")
         return cluster_device if config.run.device == "auto" else config.run.device
 
+    def paths_on_cluster(self, config: FlowConfig) -> bool:
+        # Over ssh the jobs run on the cluster's file systems; a local tunnel is on a login node that shares them.
+        return check_profile(config).tunnel.kind == "ssh"
+
     def check(self, config: FlowConfig, planned: list[PlannedStage]) -> None:
         super().check(config, planned)
         check_cluster(config, pending(planned))
