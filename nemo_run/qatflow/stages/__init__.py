@@ -49,6 +49,7 @@ STAGES: tuple[StageSpec, ...] = (
 )
 
 BY_NAME = {spec.name: spec for spec in STAGES}
+EVAL_STAGES = ("06_eval_bf16", "07_eval_ptq", "08_eval_trained")
 STAGE_NAMES = tuple(BY_NAME)
 
 
@@ -103,6 +104,10 @@ def named_files(config: FlowConfig, stage: str) -> list[tuple[str, Path]]:
     on. A model shipped in a Python package (pkg://) is not read: it changes only with the package."""
     named = {"00_data": [config.data.path],
              "01_import": [config.model.name, config.model.hf_tokenizer, config.model.chat_template]}.get(stage, [])
+    if stage in EVAL_STAGES and config.eval.text_max_tokens:
+        from qatflow.text_eval import text_source  # imports no torch
+
+        named = [str(text_source(config.eval.text_path))]  # the out-of-domain text (default: a package's README)
     files: list[tuple[str, Path]] = []
     for value in named:
         root = Path(value) if value and not value.startswith(paths.PACKAGE_SCHEME) else None
