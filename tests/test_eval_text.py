@@ -82,3 +82,19 @@ def test_stop_tokens_include_the_tokenizers_eos(tiny):
     model, tokenizer = tiny
     assert tokenizer.convert_ids_to_tokens(tokenizer.eos_token_id) == "<|im_end|>"
     assert tokenizer.eos_token_id in generation.stop_token_ids(tokenizer, model)
+
+
+def test_the_text_is_part_of_the_evaluations_fingerprints_only(tmp_path):
+    from qatflow.config import build_config
+    from qatflow.stages import fingerprints
+
+    path = tmp_path / "text.md"
+    path.write_text("first version")
+    settings = [f"run.log_dir={tmp_path}", f"eval.text_path={path}"]
+    before = fingerprints(build_config("smollm2_135m_qad", {}, settings))
+    path.write_text("second version")
+    after = fingerprints(build_config("smollm2_135m_qad", {}, settings))
+    changed = {stage for stage in before if before[stage] != after[stage]}
+    assert changed == {"06_eval_bf16", "07_eval_ptq", "08_eval_trained", "09_report"}
+    fewer = fingerprints(build_config("smollm2_135m_qad", {}, settings + ["eval.generation_prompts=1"]))
+    assert fewer["05_verify"] == after["05_verify"] and fewer["06_eval_bf16"] != after["06_eval_bf16"]

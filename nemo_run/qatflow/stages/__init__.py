@@ -56,6 +56,10 @@ STAGE_NAMES = tuple(BY_NAME)
 # Settings that change how a stage runs or what it prints, not its result: changing them reruns nothing.
 NOT_INPUTS = frozenset({"train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                         "train.activation_checkpointing"})
+# Settings of a section that one stage reads, but whose value its result does not depend on: 05_verify scores
+# the held-out conversations only.
+NOT_INPUTS_OF = {"05_verify": frozenset({"eval.text_path", "eval.text_max_tokens", "eval.generation_prompts",
+                                         "eval.max_new_tokens"})}
 # The nemo section's settings that change a stage's result, by stage (the hf backend reads none of them). The rest
 # decide where and how fast it runs (parallelism, asynchronous saves, the distributed optimizer) or are labels.
 NEMO_INPUTS = {
@@ -91,7 +95,8 @@ def stage_settings(config: FlowConfig, stage: str) -> dict:
         for part in section.split("."):
             value = value[part]
         if isinstance(value, dict):
-            value = {key: item for key, item in value.items() if f"{section}.{key}" not in NOT_INPUTS}
+            ignored = NOT_INPUTS | NOT_INPUTS_OF.get(stage, frozenset())
+            value = {key: item for key, item in value.items() if f"{section}.{key}" not in ignored}
         picked[section] = value
     if config.run.backend == "nemo" and stage in NEMO_INPUTS:
         picked["nemo"] = {key: tree["nemo"][key] for key in NEMO_INPUTS[stage]}
