@@ -74,6 +74,8 @@ def test_generation_stops_at_the_end_token_the_model_emits_and_counts_the_limit(
     first = ids.index(stop)
     stopped = generation.generate(model, tokenizer, items[:1], 12, cpu, stop_ids={stop}, log=lambda _: None)[0]
     assert stopped["tokens"] == first + 1 and stopped["ended"] and not stopped["hit_limit"]
+    assert stopped["text"] == tokenizer.decode(ids[:first]).strip()  # the answer without its end token
+    assert free["text"] == tokenizer.decode(ids).strip()
     answers = [free, stopped]
     assert generation.summary(answers) == {"mean_tokens": (12 + first + 1) / 2, "hit_limit_share": 0.5}
 
@@ -98,3 +100,15 @@ def test_the_text_is_part_of_the_evaluations_fingerprints_only(tmp_path):
     assert changed == {"06_eval_bf16", "07_eval_ptq", "08_eval_trained", "09_report"}
     fewer = fingerprints(build_config("smollm2_135m_qad", {}, settings + ["eval.generation_prompts=1"]))
     assert fewer["05_verify"] == after["05_verify"] and fewer["06_eval_bf16"] != after["06_eval_bf16"]
+
+
+def test_perplexity_below_full_precision_is_no_recovery_above_100_percent():
+    from qatflow.stages.report import gap_closed
+    from qatflow.stages.report_eval import ppl_change
+
+    assert ppl_change(gap_closed(10.0, 12.0, 11.0), 10.0, 12.0, 11.0) == "closed 50% of the PTQ gap"
+    assert ppl_change(gap_closed(10.0, 12.0, 9.5), 10.0, 12.0, 9.5).startswith("went below full precision")
+    # PTQ below full precision and training above PTQ: the ratio would read 148%.
+    assert gap_closed(517.758, 517.469, 517.897) > 1
+    assert ppl_change(gap_closed(517.758, 517.469, 517.897), 517.758, 517.469, 517.897).startswith(
+        "had no PTQ gap to close")

@@ -63,7 +63,9 @@ def generate(model, tokenizer, items: list[dict], max_new_tokens: int, device: t
                                  top_k=None, eos_token_id=stops, pad_token_id=pad_id)
         new = out[0, input_ids.shape[1]:].tolist()
         ended = bool(new) and new[-1] in stops
-        answers.append({"prompt": item["user"], "text": tokenizer.decode(new, skip_special_tokens=True).strip(),
+        # The end token is recorded as `ended`; any other special token the model wrote stays visible.
+        text = tokenizer.decode(new[:-1] if ended else new, skip_special_tokens=False).strip()
+        answers.append({"prompt": item["user"], "text": text,
                         "tokens": len(new), "ended": ended, "hit_limit": not ended and len(new) >= max_new_tokens})
         log(f"generated {number}/{len(items)}: {len(new)} tokens, {'ended' if ended else 'no end-of-turn token'}")
     return answers

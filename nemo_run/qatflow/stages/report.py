@@ -172,8 +172,9 @@ def run(ctx: StageContext) -> ReportResult:
         f"({'fp32 on CPU, bf16 autocast on GPU' if config.run.backend == 'hf' else 'NeMo, fp32 parameters'}).",
         "",
         f"Perplexity: on assistant tokens {method} "
-        f"{ppl_change(recovery.ppl_gap_closed_assistant, full.ppl_assistant, trained.ppl_assistant)}, on all "
-        f"tokens it {ppl_change(recovery.ppl_gap_closed_all, full.ppl_all, trained.ppl_all)}. KL: it closed "
+        f"{ppl_change(recovery.ppl_gap_closed_assistant, full.ppl_assistant, ptq.ppl_assistant, trained.ppl_assistant)}"
+        f", on all tokens it {ppl_change(recovery.ppl_gap_closed_all, full.ppl_all, ptq.ppl_all, trained.ppl_all)}. "
+        f"KL: it closed "
         f"{_percent(recovery.kl_gap_closed_assistant)} of PTQ's KL to full precision.",
         "",
         *text_section(labels, evals),

@@ -6,12 +6,14 @@ from __future__ import annotations
 from qatflow.stage_results import EvalResult, Quality
 
 
-def ppl_change(closed: float | None, full: float, trained: float) -> str:
+def ppl_change(closed: float | None, full: float, ptq: float, trained: float) -> str:
     """How training moved perplexity relative to PTQ's gap: below full precision is said as such, not as a
-    recovery above 100%."""
+    recovery above 100%, and so is a PTQ that left no gap."""
     if trained < full:
         return f"went below full precision ({trained:.3f} vs {full:.3f})"
-    return "closed n/a of the PTQ gap" if closed is None else f"closed {100 * closed:.0f}% of the PTQ gap"
+    if closed is None or ptq <= full:
+        return f"had no PTQ gap to close (PTQ {ptq:.3f}, full precision {full:.3f}; trained {trained:.3f})"
+    return f"closed {100 * closed:.0f}% of the PTQ gap"
 
 
 def _kl_share(kl: float, ptq_kl: float) -> str:
