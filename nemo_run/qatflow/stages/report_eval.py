@@ -33,12 +33,12 @@ def headline(labels: dict[str, str], evals: dict[str, EvalResult], served: Quali
     full_text = f"{full.text.ppl:.3f}" if full.text else "n/a"
     lines.append(f"| {labels['06_eval_bf16']} | 0 | {full.ppl_assistant:.3f} | 0 | {full_text} |")
     for label, quality, text in rows:
-        ood = f"{text.kl:.4f} | {text.ppl:.3f}" if text is not None else "not scored | not scored"
-        lines.append(f"| {label} | {quality.kl_assistant:.4f} | {quality.ppl_assistant:.3f} | {ood} |")
+        ood = f"{text.kl:.4g} | {text.ppl:.3f}" if text is not None else "not scored | not scored"
+        lines.append(f"| {label} | {quality.kl_assistant:.4g} | {quality.ppl_assistant:.3f} | {ood} |")
     best = served if served is not None else trained
     which = "the export as served" if served is not None else "the trained student"
-    lines += ["", f"KL to full precision on held-out assistant tokens: {which} {best.kl_assistant:.4f} nats/token, "
-                  f"{_kl_share(best.kl_assistant, ptq.kl_assistant)} ({ptq.kl_assistant:.4f}); lower is closer to "
+    lines += ["", f"KL to full precision on held-out assistant tokens: {which} {best.kl_assistant:.4g} nats/token, "
+                  f"{_kl_share(best.kl_assistant, ptq.kl_assistant)} ({ptq.kl_assistant:.4g}); lower is closer to "
                   f"the full-precision model.", ""]
     return lines
 
@@ -54,12 +54,14 @@ def text_section(labels: dict[str, str], evals: dict[str, EvalResult]) -> list[s
              f"{text.windows} windows, no chat template, every token counted (eval.text_path, "
              f"eval.text_max_tokens). The export is not scored on it.", "",
              "| model | ppl (all tokens) | KL to full precision |", "|---|---|---|"]
-    lines += [f"| {label} | {scores.ppl:.3f} | {scores.kl:.4f} |" for label, scores in scored]
+    lines += [f"| {label} | {scores.ppl:.3f} | {scores.kl:.4g} |" for label, scores in scored]
     return lines + [""]
 
 
 def _cell(text: str, limit: int = 300) -> str:
     text = " ".join(text.split()).replace("|", "\\|")
+    if not text:
+        return "*(whitespace only)*"
     return text if len(text) <= limit else text[:limit] + " …"
 
 
