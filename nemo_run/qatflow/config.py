@@ -121,7 +121,8 @@ class EvalConfig:
     # or .md file; None: the README that the pinned transformers release ships in its dist-info METADATA.
     text_path: Optional[str] = None
     text_max_tokens: int = 1024  # its first tokens scored, in eval.seq_len windows; 0 scores none
-    # Greedy answers of each model to the first user turn of the first held-out conversations; 0 generates none.
+    # Greedy answers of each model to the first user turn of the first held-out conversations (as many as the split
+    # has, up to this); 0 generates none.
     generation_prompts: int = 4
     max_new_tokens: int = 48
 
@@ -502,9 +503,6 @@ def validate(config: FlowConfig) -> None:
     if config.eval.generation_prompts and config.eval.max_new_tokens <= 0:
         raise ConfigError(f"eval.max_new_tokens={config.eval.max_new_tokens} must be positive with "
                           f"eval.generation_prompts={config.eval.generation_prompts}")
-    if config.eval.generation_prompts > config.data.num_validation:
-        raise ConfigError(f"eval.generation_prompts={config.eval.generation_prompts} exceeds data.num_validation="
-                          f"{config.data.num_validation}: lower one or raise the other")
     if config.eval.text_path:
         text = Path(config.eval.text_path)
         if text.suffix not in (".txt", ".md") or not text.is_file():
