@@ -51,6 +51,7 @@ def test_tiny_flow_end_to_end_then_rerun_skips(tiny_recipe, tmp_path):
     assert ptq["kl_assistant"] > 0 and trained["kl_assistant"] < ptq["kl_assistant"]  # QAD moved toward the teacher
     assert f"NVFP4 checkpoint: {checkpoint}" in result.stdout
     _assert_results_read_back_as_written(experiment)
+    _assert_text_and_generations(experiment, report)
 
     train_timings = _manifest(experiment, "03_train")["timings"]
     started = time.time()
@@ -59,6 +60,36 @@ def test_tiny_flow_end_to_end_then_rerun_skips(tiny_recipe, tmp_path):
     assert "every stage is complete" in again.stdout
     assert time.time() - started < 30
     assert _manifest(experiment, "03_train")["timings"] == train_timings
+
+
+def _assert_text_and_generations(experiment: Path, report: str) -> None:
+    """Each evaluation scored the out-of-domain text (KL 0 for the full-precision model itself) and generated
+    greedy answers within eval.max_new_tokens=16; the report leads with the headline and shows both."""
+    import re
+
+    from qatflow.stage_results import EvalResult, read_result
+
+    evals = {stage: read_result(experiment / stage, EvalResult)
+             for stage in ("06_eval_bf16", "07_eval_ptq", "08_eval_trained")}
+    for stage, result in evals.items():
+        text, generations = result.text, result.generations
+        assert text is not None and text.source.startswith("README of transformers "), stage
+        assert text.tokens + text.windows == 512 and text.windows == 4 and text.ppl > 1, stage
+        assert generations is not None and generations.max_new_tokens == 16 and len(generations.answers) == 2
+        for answer in generations.answers:
+            assert 1 <= answer["tokens"] <= 16 and answer["hit_limit"] == (not answer["ended"]
+                                                                          and answer["tokens"] == 16), answer
+        assert generations.mean_tokens == sum(a["tokens"] for a in generations.answers) / 2
+        assert generations.hit_limit_share == sum(a["hit_limit"] for a in generations.answers) / 2
+    assert evals["06_eval_bf16"].text.kl == 0 and evals["07_eval_ptq"].text.kl > 0
+    prompts = [a["prompt"] for a in evals["06_eval_bf16"].generations.answers]
+    assert all(prompts == [a["prompt"] for a in r.generations.answers] for r in evals.values())
+    assert report.index("## Headline") < report.index("## Setup") < report.index("## Out-of-domain text") \
+        < report.index("## Generations")
+    assert "| NVFP4 QAD student |" in report and "export as served (bfloat16 W4A4)" in report
+    assert "**Prompt 2:**" in report and "hit the limit without end-of-turn" in report
+    # A share of the PTQ gap is never above 100%: below full precision is said so.
+    assert all(int(n) <= 100 for n in re.findall(r"closed (\d+)% of", report)), report
 
 
 def _assert_results_read_back_as_written(experiment: Path) -> None:

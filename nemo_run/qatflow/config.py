@@ -122,6 +122,14 @@ class EvalConfig:
     num_samples: int = 200  # held-out conversations scored by every evaluation
     seq_len: int = 1024
     batch_size: int = 4
+    # Out-of-domain text, scored like the conversations but with no chat template and every token a target: a .txt
+    # or .md file; None: the README that the pinned transformers release ships in its dist-info METADATA.
+    text_path: Optional[str] = None
+    text_max_tokens: int = 1024  # its first tokens scored, in eval.seq_len windows; 0 scores none
+    # Greedy answers of each model to the first user turn of the first held-out conversations (as many as the split
+    # has, up to this); 0 generates none.
+    generation_prompts: int = 4
+    max_new_tokens: int = 48
 
 
 @dataclass
@@ -488,6 +496,16 @@ def validate(config: FlowConfig) -> None:
         if config.train.method != "qad":
             raise ConfigError("train.teacher_cache_topk caches the teacher of QAD: use it with train.method=qad "
                               "(--distill), or leave it null")
+    for name in ("text_max_tokens", "generation_prompts", "max_new_tokens"):
+        if getattr(config.eval, name) < 0:
+            raise ConfigError(f"eval.{name}={getattr(config.eval, name)} must be at least 0")
+    if config.eval.generation_prompts and config.eval.max_new_tokens <= 0:
+        raise ConfigError(f"eval.max_new_tokens={config.eval.max_new_tokens} must be positive with "
+                          f"eval.generation_prompts={config.eval.generation_prompts}")
+    if config.eval.text_path:
+        text = Path(config.eval.text_path)
+        if text.suffix not in (".txt", ".md") or not text.is_file():
+            raise ConfigError(f"eval.text_path={config.eval.text_path}: expected an existing .txt or .md file")
     if config.eval.num_samples > config.data.num_validation:
         raise ConfigError(f"eval.num_samples={config.eval.num_samples} exceeds data.num_validation="
                           f"{config.data.num_validation}: lower one or raise the other")

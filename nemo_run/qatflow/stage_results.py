@@ -155,9 +155,33 @@ class Scores(Quality):
 
 
 @dataclass(kw_only=True)
+class TextScores(StageResult):
+    """A model on the out-of-domain text (qatflow.text_eval): every token a target, no chat template."""
+    source: str  # where the text came from
+    ppl: float
+    kl: float  # KL(full precision || model), nats/token; 0 for the full-precision model itself
+    tokens: int
+    windows: int
+
+
+@dataclass(kw_only=True)
+class Generations(StageResult):
+    """A model's greedy answers to the fixed prompts (qatflow.generation)."""
+    max_new_tokens: int
+    # Per prompt: prompt (the user turn), text, tokens (generated, the end token included), ended (with an
+    # end-of-turn / eos token), hit_limit (max_new_tokens reached without one).
+    answers: list[dict[str, Any]]
+    mean_tokens: float
+    hit_limit_share: float
+
+
+@dataclass(kw_only=True)
 class EvalResult(Scores):
     """06_eval_bf16, 07_eval_ptq, 08_eval_trained."""
     model_stage: str  # the stage whose model was scored
+    text: Optional[TextScores] = optional()  # eval.text_max_tokens > 0
+    generations: Optional[Generations] = optional()  # eval.generation_prompts > 0 and the backend generates
+    generations_skipped: Optional[str] = optional()  # why not, where the backend cannot generate
 
 
 # ---- 05_verify --------------------------------------------------------------------------------------------------

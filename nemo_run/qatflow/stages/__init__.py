@@ -49,12 +49,17 @@ STAGES: tuple[StageSpec, ...] = (
 )
 
 BY_NAME = {spec.name: spec for spec in STAGES}
+EVAL_STAGES = ("06_eval_bf16", "07_eval_ptq", "08_eval_trained")
 STAGE_NAMES = tuple(BY_NAME)
 
 
 # Settings that change how a stage runs or what it prints, not its result: changing them reruns nothing.
 NOT_INPUTS = frozenset({"train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                         "train.activation_checkpointing", "train.fsdp_gather_once_per_step"})
+# Settings of a section that one stage reads, but whose value its result does not depend on: 05_verify scores
+# the held-out conversations only.
+NOT_INPUTS_OF = {"05_verify": frozenset({"eval.text_path", "eval.text_max_tokens", "eval.generation_prompts",
+                                         "eval.max_new_tokens"})}
 # The nemo section's settings that change a stage's result, by stage (the hf backend reads none of them). The rest
 # decide where and how fast it runs (parallelism, asynchronous saves, the distributed optimizer) or are labels.
 NEMO_INPUTS = {
@@ -90,7 +95,8 @@ def stage_settings(config: FlowConfig, stage: str) -> dict:
         for part in section.split("."):
             value = value[part]
         if isinstance(value, dict):
-            value = {key: item for key, item in value.items() if f"{section}.{key}" not in NOT_INPUTS}
+            ignored = NOT_INPUTS | NOT_INPUTS_OF.get(stage, frozenset())
+            value = {key: item for key, item in value.items() if f"{section}.{key}" not in ignored}
         picked[section] = value
     if config.run.backend == "nemo" and stage in NEMO_INPUTS:
         picked["nemo"] = {key: tree["nemo"][key] for key in NEMO_INPUTS[stage]}
@@ -103,6 +109,10 @@ def named_files(config: FlowConfig, stage: str) -> list[tuple[str, Path]]:
     on. A model shipped in a Python package (pkg://) is not read: it changes only with the package."""
     named = {"00_data": [config.data.path],
              "01_import": [config.model.name, config.model.hf_tokenizer, config.model.chat_template]}.get(stage, [])
+    if stage in EVAL_STAGES and config.eval.text_max_tokens:
+        from qatflow.text_eval import text_source  # imports no torch
+
+        named = [str(text_source(config.eval.text_path))]  # the out-of-domain text (default: a package's README)
     files: list[tuple[str, Path]] = []
     for value in named:
         root = Path(value) if value and not value.startswith(paths.PACKAGE_SCHEME) else None

@@ -1,4 +1,5 @@
-"""06_eval_bf16, 07_eval_ptq, 08_eval_trained: one harness scores each model against the full-precision one."""
+"""06_eval_bf16, 07_eval_ptq, 08_eval_trained: one harness scores each model against the full-precision one, on the
+held-out conversations and on an out-of-domain text; then the model answers fixed prompts greedily."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import torch
 
 from qatflow.backends import get_backend
 from qatflow.evaluation import score
+from qatflow import generation
 from qatflow.stage_context import StageContext
 from qatflow.stage_results import EvalResult
+from qatflow.text_eval import score_text
 from qatflow.tokens import read_split, tokenize_split
 
 # Evaluation stage -> the stage whose model it scores.
@@ -35,8 +38,34 @@ def run(ctx: StageContext) -> EvalResult:
     if model_stage != "01_import":
         reference, _ = backend.load_model(ctx.inputs["01_import"], config, device)
     ctx.log(f"scoring {model_stage} on {device}")
+    extra: dict = {}
     with backend.scoring_forwards(model, reference):
         metrics = score_held_out(ctx, backend, model, tokenizer, reference)
-    ctx.log(f"ppl assistant {metrics['ppl_assistant']:.3f} all {metrics['ppl_all']:.3f} "
-            f"KL assistant {metrics['kl_assistant']:.4f} all {metrics['kl_all']:.4f}")
-    return EvalResult.from_dict({"model_stage": model_stage, **metrics})
+        ctx.log(f"ppl assistant {metrics['ppl_assistant']:.3f} all {metrics['ppl_all']:.3f} "
+                f"KL assistant {metrics['kl_assistant']:.4f} all {metrics['kl_all']:.4f}")
+        if config.eval.text_max_tokens:
+            extra["text"] = score_text(model, tokenizer, config.eval.text_path, config.eval.seq_len,
+                                       config.eval.text_max_tokens, config.eval.batch_size, device,
+                                       backend.compute_dtype(config, device), reference=reference, log=ctx.log)
+            ctx.log(f"out-of-domain text ({extra['text']['source']}): ppl {extra['text']['ppl']:.3f} "
+                    f"KL {extra['text']['kl']:.4f} on {extra['text']['tokens']} tokens")
+        if config.eval.generation_prompts:
+            extra.update(generate_answers(ctx, model, tokenizer, device))
+    return EvalResult.from_dict({"model_stage": model_stage, **metrics, **extra})
+
+
+def generate_answers(ctx: StageContext, model, tokenizer, device: torch.device) -> dict:
+    """The model's greedy answers to the first eval.generation_prompts held-out user turns, or why there are
+    none: the nemo backend's scoring model computes logits only."""
+    config = ctx.config
+    if not hasattr(model, "generate"):
+        reason = f"the {config.run.backend} backend's scoring model has no generate()"
+        ctx.log(f"no generations: {reason}")
+        return {"generations_skipped": reason}
+    items = generation.prompts(tokenizer, read_split(ctx.inputs["00_data"], "validation"),
+                               config.eval.generation_prompts)
+    backend = get_backend(config.run.backend)
+    answers = generation.generate(model, tokenizer, items, config.eval.max_new_tokens, device,
+                                  backend.compute_dtype(config, device), log=ctx.log)
+    return {"generations": {"max_new_tokens": config.eval.max_new_tokens, "answers": answers,
+                            **generation.summary(answers)}}

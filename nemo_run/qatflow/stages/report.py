@@ -9,6 +9,7 @@ from qatflow.artifacts import EXPORT_COMPRESSED_TENSORS, REPORT, TRAIN_LOG, expo
 from qatflow.stage_context import StageContext
 from qatflow.stage_results import (EvalResult, Quality, Recovery, ReportResult, VerifiedScores, VerifyResult,
                                    read_result)
+from qatflow.stages.report_eval import generation_section, headline, ppl_change, text_section
 
 ROWS = (("06_eval_bf16", "BF16 / full precision"), ("07_eval_ptq", "PTQ"), ("08_eval_trained", "trained"))
 
@@ -137,9 +138,15 @@ def run(ctx: StageContext) -> ReportResult:
         ppl_gap_closed_all=gap_closed(full.ppl_all, ptq.ppl_all, trained.ppl_all),
         kl_gap_closed_assistant=gap_closed(0.0, ptq.kl_assistant, trained.kl_assistant))
     held_out = evals["06_eval_bf16"]
+    # The evaluation stages' own rows: the trained one is the student as trained.
+    labels = {"06_eval_bf16": ROWS[0][1], "07_eval_ptq": f"{algorithm} PTQ",
+              "08_eval_trained": f"{algorithm} {method} student"}
     revision = f" at revision `{config.model.revision}`" if config.model.revision else ""
     lines = [
         f"# qatflow report: {config.run.experiment}",
+        "",
+        *headline(labels, evals, served, verify.served if served is not None else None),
+        "## Setup",
         "",
         f"- model: `{config.model.name}`{revision} (recipe `{config.recipe}`, backend {config.run.backend})",
         f"- method: {method} ({'distillation from the full-precision teacher' if method == 'QAD' else 'cross-entropy'}), "
@@ -147,6 +154,8 @@ def run(ctx: StageContext) -> ReportResult:
         f"- quantization: {config.ptq.algorithm}, calibrated on {config.ptq.calib_samples} training conversations",
         f"- evaluation: {held_out.conversations} held-out conversations, {held_out.tokens_assistant} assistant "
         f"tokens of {held_out.tokens_all}",
+        "",
+        "## All scores on held-out conversations",
         "",
         "| model | computed | ppl (assistant) | ppl (all tokens) | KL to full precision (assistant) | "
         "KL (all tokens) |",
@@ -162,10 +171,14 @@ def run(ctx: StageContext) -> ReportResult:
         f"BF16, PTQ{' and the student' if served else ''} are computed as trained "
         f"({'fp32 on CPU, bf16 autocast on GPU' if config.run.backend == 'hf' else 'NeMo, fp32 parameters'}).",
         "",
-        f"{method} closed {_percent(recovery.ppl_gap_closed_assistant)} of the PTQ perplexity gap on assistant "
-        f"tokens ({_percent(recovery.ppl_gap_closed_all)} on all tokens) and "
-        f"{_percent(recovery.kl_gap_closed_assistant)} of its KL.",
+        f"Perplexity: on assistant tokens {method} "
+        f"{ppl_change(recovery.ppl_gap_closed_assistant, full.ppl_assistant, ptq.ppl_assistant, trained.ppl_assistant)}"
+        f", on all tokens it {ppl_change(recovery.ppl_gap_closed_all, full.ppl_all, ptq.ppl_all, trained.ppl_all)}. "
+        f"KL: it closed "
+        f"{_percent(recovery.kl_gap_closed_assistant)} of PTQ's KL to full precision.",
         "",
+        *text_section(labels, evals),
+        *generation_section(labels, evals),
         "![training loss](loss.png)",
         "",
         "![BF16, PTQ and trained side by side](comparison.png)",
