@@ -173,6 +173,11 @@ CASES = {
                                "--hf-tokenizer", True, {}),
     "--hf-tokenizer folder without tokenizer": (lambda d, m: _model_flags(m) + ["--hf-tokenizer", str(
         _file(d, "tok/readme.txt", "x").parent)], "tok: no tokenizer files", True, {}),
+    # the evaluations' out-of-domain text
+    "eval text missing": (lambda d, m: ["--set", f"eval.text_path={d / 'prose.md'}"], "prose.md: no such file",
+                          True, {}),
+    "eval text of another kind": (lambda d, m: ["--set", f"eval.text_path={_file(d, 'prose.pdf', 'x')}"],
+                                  "prose.pdf: expected a .txt or .md file", True, {}),
     # log folder
     "--log-dir is a file": (lambda d, m: [], "is a file, not a folder", True, {}),
     "--log-dir under /proc": (lambda d, m: [], "under /proc", True, {}),

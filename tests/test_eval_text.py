@@ -112,14 +112,3 @@ def test_perplexity_below_full_precision_is_no_recovery_above_100_percent():
     assert gap_closed(517.758, 517.469, 517.897) > 1
     assert ppl_change(gap_closed(517.758, 517.469, 517.897), 517.758, 517.469, 517.897).startswith(
         "had no PTQ gap to close")
-
-
-def test_a_text_path_that_is_no_txt_or_md_file_is_refused(tmp_path):
-    from qatflow.config import build_config
-    from qatflow.errors import ConfigError
-
-    other = tmp_path / "text.pdf"
-    other.write_text("x")
-    for path in (other, tmp_path / "missing.md"):
-        with pytest.raises(ConfigError, match="eval.text_path"):
-            build_config("smollm2_135m_qad", {}, [f"eval.text_path={path}"])

@@ -210,11 +210,15 @@ def test_paths_missing_here_are_left_to_the_cluster_only_over_ssh(tmp_path, monk
 
     # The job runs each left check by name: the CLI's own check functions, so the CLI's own messages.
     config, _ = cli.load_config(["--use-slurm", "--slurm-profile", str(ssh), *argv, "--model-name", "/cluster/m",
-                                 "--hf-tokenizer", "/cluster/tok", "--chat-template", "/cluster/t.jinja"])
+                                 "--hf-tokenizer", "/cluster/tok", "--chat-template", "/cluster/t.jinja",
+                                 "--set", "eval.text_path=/cluster/prose.md"])
+    assert [item.check for item in cli.deferred_paths(config, get_executor(config))] == [
+        "data", "model", "hf_tokenizer", "chat_template", "eval_text"]
     for name, message in [("data", "--data-path /cluster/chats.jsonl: no such file or folder"),
                           ("model", "--model-name /cluster/m: no such file or folder"),
                           ("hf_tokenizer", "--hf-tokenizer /cluster/tok: no such folder"),
-                          ("chat_template", "--chat-template /cluster/t.jinja: no such file")]:
+                          ("chat_template", "--chat-template /cluster/t.jinja: no such file"),
+                          ("eval_text", "eval.text_path=/cluster/prose.md: no such file")]:
         with pytest.raises(ConfigError, match=message):
             run_check(name, config, "00_data")
 

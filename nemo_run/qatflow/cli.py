@@ -146,6 +146,7 @@ def absolutize_paths(config: FlowConfig) -> None:
             template = str(paths.resolve_chat_template(template))
         config.model.chat_template = template
     config.data.path = paths.absolutize(config.data.path)
+    config.eval.text_path = paths.absolutize(config.eval.text_path)
     config.model.name = paths.absolutize(config.model.name) or config.model.name
 
 

@@ -16,7 +16,7 @@ from qatflow.config import ConfigError, FlowConfig
 
 # A path's checks, by the setting that names it; "rendering" is the chat template and tokenizer rendered on a
 # sample of the data with the assistant-mask check, which needs them all.
-CheckName = Literal["data", "model", "hf_tokenizer", "chat_template", "rendering"]
+CheckName = Literal["data", "model", "hf_tokenizer", "chat_template", "eval_text", "rendering"]
 CHECK_NAMES: tuple[str, ...] = get_args(CheckName)
 # Set to 1, the paths missing here are left to the first job whatever the executor (tests: the local cluster
 # stands in for one reached over ssh).
@@ -39,6 +39,7 @@ def input_paths(config: FlowConfig) -> list[InputPath]:
         ("model", "--model-name", config.model.name),
         ("hf_tokenizer", "--hf-tokenizer", config.model.hf_tokenizer),
         ("chat_template", "--chat-template", config.model.chat_template),
+        ("eval_text", "eval.text_path", config.eval.text_path),
     ]
     return [InputPath(check, setting, value, Path(value).exists()) for check, setting, value in named
             if value and Path(value).is_absolute()]
@@ -83,6 +84,8 @@ def run_check(name: str, config: FlowConfig, stage: str, sample: list[dict] | No
         input_checks.check_tokenizer_folder(config)
     elif name == "chat_template":
         input_checks.check_template_file(config)
+    elif name == "eval_text":
+        input_checks.check_eval_text(config)
     elif name == "rendering":
         input_checks.check_chat_template(config, sample if sample is not None else _sample(config, stage))
     else:

@@ -502,10 +502,8 @@ def validate(config: FlowConfig) -> None:
     if config.eval.generation_prompts and config.eval.max_new_tokens <= 0:
         raise ConfigError(f"eval.max_new_tokens={config.eval.max_new_tokens} must be positive with "
                           f"eval.generation_prompts={config.eval.generation_prompts}")
-    if config.eval.text_path:
-        text = Path(config.eval.text_path)
-        if text.suffix not in (".txt", ".md") or not text.is_file():
-            raise ConfigError(f"eval.text_path={config.eval.text_path}: expected an existing .txt or .md file")
+    if config.eval.text_path and Path(config.eval.text_path).suffix not in (".txt", ".md"):
+        raise ConfigError(f"eval.text_path={config.eval.text_path}: expected a .txt or .md file")
     if config.eval.num_samples > config.data.num_validation:
         raise ConfigError(f"eval.num_samples={config.eval.num_samples} exceeds data.num_validation="
                           f"{config.data.num_validation}: lower one or raise the other")

@@ -517,6 +517,14 @@ def check_files(config: FlowConfig, dry_run: bool = False, deferred: Collection[
         check_model_files(config, dry_run=dry_run)
     if "hf_tokenizer" not in deferred:
         check_tokenizer_folder(config)
+    if "eval_text" not in deferred:
+        check_eval_text(config)
+
+
+def check_eval_text(config: FlowConfig) -> None:
+    """eval.text_path, the out-of-domain text the evaluations score, is a file."""
+    if config.eval.text_path and not Path(config.eval.text_path).is_file():
+        raise ConfigError(f"eval.text_path={config.eval.text_path}: no such file; give a .txt or .md file")
 
 
 def check_inputs(config: FlowConfig, pending: set[str], dry_run: bool = False, deferred: Collection[str] = ()) -> None:
