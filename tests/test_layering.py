@@ -16,7 +16,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
                     "qatflow.distributed", "qatflow.rank_zero", "qatflow.experiment", "qatflow.nvfp4_cpu",
                     "qatflow.half_linear_cpu", "qatflow.model_shape", "qatflow.manifest", "qatflow.lifecycle",
                     "qatflow.stage_context", "qatflow.stage_results", "qatflow.artifacts")),
-    ("numerics", ("qatflow.evaluation", "qatflow.export_reload")),
+    ("numerics", ("qatflow.evaluation", "qatflow.export_reload", "qatflow.task_accuracy", "qatflow.eval_tasks")),
     ("backends", ("qatflow.backends",)),
     ("stages", ("qatflow.stages",)),
     ("planning", ("qatflow.memory_plan", "qatflow.preflight", "qatflow.input_checks", "qatflow.graph")),

@@ -8,6 +8,7 @@ from qatflow.backends import get_backend
 from qatflow.evaluation import score
 from qatflow.stage_context import StageContext
 from qatflow.stage_results import EvalResult
+from qatflow.task_accuracy import run_tasks
 from qatflow.tokens import read_split, tokenize_split
 
 # Evaluation stage -> the stage whose model it scores.
@@ -39,4 +40,20 @@ def run(ctx: StageContext) -> EvalResult:
         metrics = score_held_out(ctx, backend, model, tokenizer, reference)
     ctx.log(f"ppl assistant {metrics['ppl_assistant']:.3f} all {metrics['ppl_all']:.3f} "
             f"KL assistant {metrics['kl_assistant']:.4f} all {metrics['kl_all']:.4f}")
-    return EvalResult.from_dict({"model_stage": model_stage, **metrics})
+    tasks = task_scores(ctx, backend, model, tokenizer)
+    return EvalResult.from_dict({"model_stage": model_stage, **metrics, **({"tasks": tasks} if tasks else {})})
+
+
+def task_scores(ctx: StageContext, backend, model, tokenizer) -> dict:
+    """eval.tasks through lm-eval on the model in memory, computed as the perplexity harness computes it. The nemo
+    backend's model is a Megatron one, which lm-eval's Hugging Face model cannot drive: no tasks there."""
+    config = ctx.config
+    if not config.eval.tasks:
+        return {}
+    if config.run.backend != "hf":
+        ctx.log(f"eval.tasks: task accuracy runs on the hf backend only; skipped on {config.run.backend}")
+        return {}
+    dtype = backend.compute_dtype(config, backend.device_of(config))
+    with backend.scoring_forwards(model):
+        return run_tasks(model, tokenizer, config.eval.tasks, config.eval.task_limit, config.eval.batch_size,
+                         dtype, log=ctx.log)
