@@ -99,10 +99,13 @@ def stage_settings(config: FlowConfig, stage: str) -> dict:
 
 def named_files(config: FlowConfig, stage: str) -> list[tuple[str, Path]]:
     """Files on disk that settings name, by the stage that reads them, each with its name inside what the setting
-    names: an edited data file, template, local model folder or tokenizer folder redoes the work from that stage
-    on. A model shipped in a Python package (pkg://) is not read: it changes only with the package."""
+    names: an edited data file, template, local model folder, tokenizer folder or task folder redoes the work from
+    that stage on. A model shipped in a Python package (pkg://) is not read: it changes only with the package."""
+    # A task YAML file of eval.tasks reads its data files beside it: its folder.
+    task_folders = [str(Path(task).parent) for task in config.eval.tasks if task.endswith((".yaml", ".yml"))]
     named = {"00_data": [config.data.path],
-             "01_import": [config.model.name, config.model.hf_tokenizer, config.model.chat_template]}.get(stage, [])
+             "01_import": [config.model.name, config.model.hf_tokenizer, config.model.chat_template],
+             **{stage: task_folders for stage in ("06_eval_bf16", "07_eval_ptq", "08_eval_trained")}}.get(stage, [])
     files: list[tuple[str, Path]] = []
     for value in named:
         root = Path(value) if value and not value.startswith(paths.PACKAGE_SCHEME) else None
