@@ -40,6 +40,7 @@ def run(ctx: StageContext) -> EvalResult:
         metrics = score_held_out(ctx, backend, model, tokenizer, reference)
     ctx.log(f"ppl assistant {metrics['ppl_assistant']:.3f} all {metrics['ppl_all']:.3f} "
             f"KL assistant {metrics['kl_assistant']:.4f} all {metrics['kl_all']:.4f}")
+    del reference  # the tasks score the model alone: the reference's memory goes back first
     tasks = task_scores(ctx, backend, model, tokenizer)
     return EvalResult.from_dict({"model_stage": model_stage, **metrics, **({"tasks": tasks} if tasks else {})})
 
