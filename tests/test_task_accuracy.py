@@ -53,7 +53,9 @@ def _greedy(model, tokenizer, prompt: str, tokens: int) -> str:
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     text = tokenizer.decode(out[0, ids.shape[1]:])
-    return text.split(tokenizer.eos_token)[0].split("\n")[0]
+    for stop in (tokenizer.eos_token, '"', "\n"):  # the task's `until`, and the end of text
+        text = text.split(stop)[0]
+    return text
 
 
 def test_generation_task_from_a_yaml_file_scores_right_and_wrong_answers(tiny, tmp_path):

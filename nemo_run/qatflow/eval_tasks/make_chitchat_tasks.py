@@ -6,8 +6,9 @@
 - chitchat_next_turn.jsonl: multiple choice. The last turns of a real conversation, speakers A and B; the choices
   are the turn that really came next and three turns of other conversations (of similar length, so length alone
   does not give the answer away).
-- chitchat_quote.jsonl: generation. The same kind of excerpt and the instruction to repeat one speaker's last
-  message word for word; the answer is that message (exact match, case and punctuation ignored).
+- chitchat_quote.jsonl: generation. The same kind of excerpt (other conversations) and the instruction to repeat
+  one speaker's last message word for word, the answer's opening quote given; the answer is that message (exact
+  match up to the closing quote, case and punctuation ignored).
 """
 
 from __future__ import annotations
@@ -80,14 +81,15 @@ def quote(conversations: list[list[str]], rng: random.Random, used: set[int]) ->
         turns = conversations[index]
         cuts = [cut for cut in range(CONTEXT_TURNS, len(turns) + 1)
                 if all(len(turn.split()) <= MAX_WORDS for turn in turns[cut - CONTEXT_TURNS:cut])
-                and 3 <= len(turns[cut - 2].split()) <= 12]
+                and 3 <= len(turns[cut - 2].split()) <= 12 and '"' not in turns[cut - 2]]
         if not cuts:
             continue
         cut = rng.choice(cuts)
         excerpt = turns[cut - CONTEXT_TURNS:cut]
         # The last turn is B's; the one before is A's last message.
+        # The answer opens the quote, so the model's reply is the quoted message itself; it ends at the closing quote.
         prompt = (f"{_excerpt(excerpt)}\n\nQuestion: What was A's last message? Repeat it word for word.\n"
-                  f"Answer:")
+                  f"Answer: A said \"")
         rows.append({"prompt": prompt, "answer": excerpt[-2], "conversation": index})
         if len(rows) == EXAMPLES:
             break
