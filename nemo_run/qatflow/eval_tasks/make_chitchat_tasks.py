@@ -7,8 +7,9 @@
   are the turn that really came next and three turns of other conversations (of similar length, so length alone
   does not give the answer away).
 - chitchat_quote.jsonl: generation. The same kind of excerpt (other conversations) and the instruction to repeat
-  one speaker's last message word for word, the answer's opening quote given; the answer is that message (exact
-  match up to the closing quote, case and punctuation ignored).
+  one speaker's last message word for word, after one solved example of another excerpt and with the answer's
+  opening quote given; the answer is that message (exact match up to the closing quote, case and punctuation
+  ignored).
 """
 
 from __future__ import annotations
@@ -73,8 +74,11 @@ def next_turn(conversations: list[list[str]], rng: random.Random) -> list[dict]:
     return rows
 
 
+QUESTION = "Question: What was A's last message? Repeat it word for word.\nAnswer: A said \""
+
+
 def quote(conversations: list[list[str]], rng: random.Random, used: set[int]) -> list[dict]:
-    rows = []
+    found = []
     for index in rng.sample(range(len(conversations)), len(conversations)):
         if index in used:
             continue
@@ -85,14 +89,17 @@ def quote(conversations: list[list[str]], rng: random.Random, used: set[int]) ->
         if not cuts:
             continue
         cut = rng.choice(cuts)
-        excerpt = turns[cut - CONTEXT_TURNS:cut]
-        # The last turn is B's; the one before is A's last message.
-        # The answer opens the quote, so the model's reply is the quoted message itself; it ends at the closing quote.
-        prompt = (f"{_excerpt(excerpt)}\n\nQuestion: What was A's last message? Repeat it word for word.\n"
-                  f"Answer: A said \"")
-        rows.append({"prompt": prompt, "answer": excerpt[-2], "conversation": index})
-        if len(rows) == EXAMPLES:
+        found.append((index, turns[cut - CONTEXT_TURNS:cut]))  # the last turn is B's, the one before A's
+        if len(found) == EXAMPLES:
             break
+    rows = []
+    for position, (index, excerpt) in enumerate(found):
+        # One solved example from the next excerpt shows the format; the prompt then opens the answer's quote, so
+        # the reply is the quoted message itself, ending at the closing quote.
+        _, shown = found[(position + 1) % len(found)]
+        example = f"{_excerpt(shown)}\n\n{QUESTION}{shown[-2]}\""
+        rows.append({"prompt": f"{example}\n\n{_excerpt(excerpt)}\n\n{QUESTION}", "answer": excerpt[-2],
+                     "conversation": index})
     return rows
 
 
