@@ -124,8 +124,10 @@ def run_tasks(model, tokenizer, tasks: list[str], limit: int | None, batch_size:
         results = simple_evaluate(model=lm, tasks=specs, limit=limit, task_manager=manager, log_samples=False,
                                   bootstrap_iters=1000, apply_chat_template=False)
     scores = {}
+    counts = {task: int(count["effective"]) for task, count in results["n-samples"].items()}
     for task, metrics in results["results"].items():
-        examples = int(results["n-samples"][task]["effective"])
+        # A group (mmlu, say) has no count of its own: its tasks' examples.
+        examples = counts.get(task, sum(counts.get(sub, 0) for sub in results.get("group_subtasks", {}).get(task, [])))
         scores[task] = accuracy_of(metrics, examples)
         score = scores[task]
         stderr = f" ± {score['stderr']:.3f}" if score["stderr"] is not None else ""
