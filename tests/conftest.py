@@ -20,7 +20,7 @@ model: {{name: {model}, dtype: float32}}
 data: {{num_train: 64, num_validation: 16}}
 ptq: {{calib_samples: 8, calib_seq_len: 128, calib_batch_size: 4}}
 train: {{steps: 6, global_batch_size: 4, micro_batch_size: 2, seq_len: 128, checkpoint_every: 2, lr: 1.0e-4}}
-eval: {{num_samples: 16, seq_len: 128, batch_size: 8, text_max_tokens: 512, generation_prompts: 2, max_new_tokens: 16}}
+eval: {{num_samples: 16, seq_len: 128, batch_size: 8, text_max_tokens: 512, generation_prompts: 2, max_new_tokens: 16, tasks: []}}
 verify: {{w4a16: true}}
 """
 

@@ -24,7 +24,7 @@ model: {{name: {model}, dtype: float32}}
 data: {{num_train: 32, num_validation: 8}}
 ptq: {{calib_samples: 4, calib_seq_len: 128, calib_batch_size: 4}}
 train: {{steps: 3, global_batch_size: 2, micro_batch_size: 2, seq_len: 128, checkpoint_every: 3, warmup_steps: 1}}
-eval: {{num_samples: 8, seq_len: 128, batch_size: 8}}
+eval: {{num_samples: 8, seq_len: 128, batch_size: 8, tasks: []}}
 nemo: {{val_check_interval: 3, limit_val_batches: 1}}
 run: {{ptq_gpus: {gpus}, train_gpus: {gpus}, tensor_parallelism: {tp}}}
 """

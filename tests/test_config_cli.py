@@ -52,6 +52,8 @@ def test_inherit_chain_and_file_recipe(tmp_path):
     ("trainsteps", "section.key=value"),
     ("ptq.exclude=[*layers.0.*]", "not YAML .* quote strings that start with \\*"),
     ("ptq.exclude=['']", "expected a layer-name pattern"),
+    ("eval.task_limit=0", "eval.task_limit=0 must be positive"),
+    ("eval.tasks=[missing_task.yaml]", "eval.tasks entry missing_task.yaml: no such task file"),
 ])
 def test_bad_overrides_name_the_setting(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -38,6 +38,18 @@ def test_an_edited_local_model_or_tokenizer_folder_redoes_from_01_import(tiny_mo
     assert _changed(after_model, fingerprints(config)) == FROM_IMPORT
 
 
+def test_an_edited_task_file_or_its_data_redoes_the_evaluations_and_the_report(tmp_path):
+    from qatflow.task_accuracy import SHIPPED_TASKS
+
+    for name in ("chitchat_quote.yaml", "chitchat_quote.jsonl"):
+        shutil.copy(SHIPPED_TASKS / name, tmp_path / name)
+    config, _ = cli.load_config(["--set", f"eval.tasks=[{tmp_path / 'chitchat_quote.yaml'}]"])
+    before = fingerprints(config)
+    data = tmp_path / "chitchat_quote.jsonl"
+    data.write_text(data.read_text().replace("Repeat it word for word", "Repeat it"))
+    assert _changed(before, fingerprints(config)) == {"06_eval_bf16", "07_eval_ptq", "08_eval_trained", "09_report"}
+
+
 def test_logging_and_checkpoint_settings_redo_nothing():
     base, _ = cli.load_config([])
     changed, _ = cli.load_config(["--set", "train.log_every=7", "--set", "train.checkpoint_every=3",

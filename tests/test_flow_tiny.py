@@ -21,7 +21,8 @@ def test_tiny_flow_end_to_end_then_rerun_skips(tiny_recipe, tmp_path):
     quantizers after PTQ, the export lists the layers as excluded and ships them unquantized, and the reloaded
     export is still exactly the student."""
     args = ("--recipe", str(tiny_recipe), "--log-dir", str(tmp_path), "--experiment", "tiny",
-            "--set", 'ptq.exclude=["*layers.0.mlp.*"]')
+            "--set", 'ptq.exclude=["*layers.0.mlp.*"]', "--set", f"eval.tasks={list(TASKS)}",
+            "--set", f"eval.task_limit={TASK_LIMIT}")
     result = run_flow(*args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     experiment = tmp_path / "tiny"
@@ -52,6 +53,7 @@ def test_tiny_flow_end_to_end_then_rerun_skips(tiny_recipe, tmp_path):
     assert f"NVFP4 checkpoint: {checkpoint}" in result.stdout
     _assert_results_read_back_as_written(experiment)
     _assert_text_and_generations(experiment, report)
+    _assert_task_accuracy_per_model(experiment, report)
 
     train_timings = _manifest(experiment, "03_train")["timings"]
     started = time.time()
@@ -90,6 +92,27 @@ def _assert_text_and_generations(experiment: Path, report: str) -> None:
     assert "**Prompt 2:**" in report and "hit the limit without end-of-turn" in report
     # A share of the PTQ gap is never above 100%: below full precision is said so.
     assert all(int(n) <= 100 for n in re.findall(r"closed (\d+)% of", report)), report
+
+
+TASKS = ("chitchat_next_turn", "chitchat_quote")  # the shipped lm-eval tasks, a few examples each
+TASK_LIMIT = 4
+
+
+def _assert_task_accuracy_per_model(experiment: Path, report: str) -> None:
+    """Each evaluation stage ran the shipped tasks through lm-eval on its model; the report tabulates and plots
+    them per model."""
+    from qatflow.stage_results import EvalResult, ReportResult, read_result
+
+    for stage in ("06_eval_bf16", "07_eval_ptq", "08_eval_trained"):
+        scores = read_result(experiment / stage, EvalResult).task_accuracy()
+        assert set(scores) == set(TASKS), (stage, scores)
+        assert scores["chitchat_next_turn"].metric == "acc" and scores["chitchat_quote"].metric == "exact_match"
+        for score in scores.values():
+            assert 0.0 <= score.value <= 1.0 and score.stderr is not None and score.examples == TASK_LIMIT, score
+    assert "## Task accuracy" in report and "| NVFP4 QAD student |" in report and "(acc, n=4)" in report
+    assert (experiment / "09_report" / "tasks.png").stat().st_size > 10_000
+    tasks = read_result(experiment / "09_report", ReportResult).tasks
+    assert tasks is not None and len(tasks) == 3 and all(set(by_task) == set(TASKS) for by_task in tasks.values())
 
 
 def _assert_results_read_back_as_written(experiment: Path) -> None:

@@ -130,6 +130,11 @@ class EvalConfig:
     # has, up to this); 0 generates none.
     generation_prompts: int = 4
     max_new_tokens: int = 48
+    # Task accuracy through lm-evaluation-harness (qatflow.task_accuracy): lm-eval task names or paths to task YAML
+    # files. The default: the two shipped tasks over real chitchat conversations (nemo_run/qatflow/eval_tasks/),
+    # which need no network. [] turns task accuracy off. hf backend only.
+    tasks: List[str] = field(default_factory=lambda: ["chitchat_next_turn", "chitchat_quote"])
+    task_limit: Optional[int] = None  # examples scored per task; None: all
 
 
 @dataclass
@@ -406,6 +411,17 @@ def _validate_revision(model: ModelConfig) -> None:
                           f"a hub id")
 
 
+def _validate_tasks(evaluation: EvalConfig) -> None:
+    if evaluation.task_limit is not None and evaluation.task_limit <= 0:
+        raise ConfigError(f"eval.task_limit={evaluation.task_limit} must be positive (examples per task), or null "
+                          f"for all")
+    for task in evaluation.tasks:
+        if not isinstance(task, str) or not task.strip():
+            raise ConfigError(f"eval.tasks entry {task!r}: expected an lm-eval task name or a task YAML file")
+        if task.endswith((".yaml", ".yml")) and not Path(task).is_file():
+            raise ConfigError(f"eval.tasks entry {task}: no such task file")
+
+
 def validate(config: FlowConfig) -> None:
     """Checks that need no model and no cluster: they fail before anything is queued."""
     _validate_revision(config.model)
@@ -504,6 +520,7 @@ def validate(config: FlowConfig) -> None:
                           f"eval.generation_prompts={config.eval.generation_prompts}")
     if config.eval.text_path and Path(config.eval.text_path).suffix not in (".txt", ".md"):
         raise ConfigError(f"eval.text_path={config.eval.text_path}: expected a .txt or .md file")
+    _validate_tasks(config.eval)
     if config.eval.num_samples > config.data.num_validation:
         raise ConfigError(f"eval.num_samples={config.eval.num_samples} exceeds data.num_validation="
                           f"{config.data.num_validation}: lower one or raise the other")

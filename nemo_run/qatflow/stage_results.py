@@ -176,12 +176,26 @@ class Generations(StageResult):
 
 
 @dataclass(kw_only=True)
+class TaskAccuracy(StageResult):
+    """One lm-eval task's accuracy (qatflow.task_accuracy): the metric reported, its value and standard error."""
+    metric: str  # acc, exact_match, ...
+    value: float
+    stderr: Optional[float]
+    examples: int
+
+
+@dataclass(kw_only=True)
 class EvalResult(Scores):
     """06_eval_bf16, 07_eval_ptq, 08_eval_trained."""
     model_stage: str  # the stage whose model was scored
     text: Optional[TextScores] = optional()  # eval.text_max_tokens > 0
     generations: Optional[Generations] = optional()  # eval.generation_prompts > 0 and the backend generates
     generations_skipped: Optional[str] = optional()  # why not, where the backend cannot generate
+    # eval.tasks: each task's TaskAccuracy as a mapping, by task name; absent where no task ran.
+    tasks: Optional[dict[str, dict[str, Any]]] = optional()
+
+    def task_accuracy(self) -> dict[str, TaskAccuracy]:
+        return {name: TaskAccuracy.from_dict(score) for name, score in (self.tasks or {}).items()}
 
 
 # ---- 05_verify --------------------------------------------------------------------------------------------------
@@ -244,6 +258,8 @@ class ReportResult(StageResult):
     export_kl_assistant: Optional[float]
     export_numerics: Optional[str]
     export_dir: str
+    # eval.tasks: each model's task accuracies (TaskAccuracy mappings), by the report's model label and task name.
+    tasks: Optional[dict[str, dict[str, dict[str, Any]]]] = optional()
 
 
 # Each stage's result class, by stage name (qatflow.stages.STAGES).

@@ -59,7 +59,7 @@ NOT_INPUTS = frozenset({"train.log_every", "train.checkpoint_every", "train.keep
 # Settings of a section that one stage reads, but whose value its result does not depend on: 05_verify scores
 # the held-out conversations only.
 NOT_INPUTS_OF = {"05_verify": frozenset({"eval.text_path", "eval.text_max_tokens", "eval.generation_prompts",
-                                         "eval.max_new_tokens"})}
+                                         "eval.max_new_tokens", "eval.tasks", "eval.task_limit"})}
 # The nemo section's settings that change a stage's result, by stage (the hf backend reads none of them). The rest
 # decide where and how fast it runs (parallelism, asynchronous saves, the distributed optimizer) or are labels.
 NEMO_INPUTS = {
@@ -105,14 +105,17 @@ def stage_settings(config: FlowConfig, stage: str) -> dict:
 
 def named_files(config: FlowConfig, stage: str) -> list[tuple[str, Path]]:
     """Files on disk that settings name, by the stage that reads them, each with its name inside what the setting
-    names: an edited data file, template, local model folder or tokenizer folder redoes the work from that stage
-    on. A model shipped in a Python package (pkg://) is not read: it changes only with the package."""
+    names: an edited data file, template, local model folder, tokenizer folder or task folder redoes the work from
+    that stage on. A model shipped in a Python package (pkg://) is not read: it changes only with the package."""
+    # A task YAML file of eval.tasks reads its data files beside it: its folder.
+    task_folders = [str(Path(task).parent) for task in config.eval.tasks if task.endswith((".yaml", ".yml"))]
     named = {"00_data": [config.data.path],
-             "01_import": [config.model.name, config.model.hf_tokenizer, config.model.chat_template]}.get(stage, [])
+             "01_import": [config.model.name, config.model.hf_tokenizer, config.model.chat_template],
+             **{stage: task_folders for stage in ("06_eval_bf16", "07_eval_ptq", "08_eval_trained")}}.get(stage, [])
     if stage in EVAL_STAGES and config.eval.text_max_tokens:
         from qatflow.text_eval import text_source  # imports no torch
 
-        named = [str(text_source(config.eval.text_path))]  # the out-of-domain text (default: a package's README)
+        named = [*named, str(text_source(config.eval.text_path))]  # the out-of-domain text (default: a README)
     files: list[tuple[str, Path]] = []
     for value in named:
         root = Path(value) if value and not value.startswith(paths.PACKAGE_SCHEME) else None

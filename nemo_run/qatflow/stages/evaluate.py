@@ -1,5 +1,6 @@
 """06_eval_bf16, 07_eval_ptq, 08_eval_trained: one harness scores each model against the full-precision one, on the
-held-out conversations and on an out-of-domain text; then the model answers fixed prompts greedily."""
+held-out conversations and on an out-of-domain text; then the model answers fixed prompts greedily and, through
+lm-eval, the tasks of eval.tasks."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from qatflow.evaluation import score
 from qatflow import generation
 from qatflow.stage_context import StageContext
 from qatflow.stage_results import EvalResult
+from qatflow.task_accuracy import run_tasks
 from qatflow.text_eval import score_text
 from qatflow.tokens import read_split, tokenize_split
 
@@ -51,6 +53,10 @@ def run(ctx: StageContext) -> EvalResult:
                     f"KL {extra['text']['kl']:.4f} on {extra['text']['tokens']} tokens")
         if config.eval.generation_prompts:
             extra.update(generate_answers(ctx, model, tokenizer, device))
+    del reference  # the tasks score the model alone: the reference's memory goes back first
+    tasks = task_scores(ctx, backend, model, tokenizer)
+    if tasks:
+        extra["tasks"] = tasks
     return EvalResult.from_dict({"model_stage": model_stage, **metrics, **extra})
 
 
@@ -69,3 +75,18 @@ def generate_answers(ctx: StageContext, model, tokenizer, device: torch.device) 
                                   backend.compute_dtype(config, device), log=ctx.log)
     return {"generations": {"max_new_tokens": config.eval.max_new_tokens, "answers": answers,
                             **generation.summary(answers)}}
+
+
+def task_scores(ctx: StageContext, backend, model, tokenizer) -> dict:
+    """eval.tasks through lm-eval on the model in memory, computed as the perplexity harness computes it. The nemo
+    backend's model is a Megatron one, which lm-eval's Hugging Face model cannot drive: no tasks there."""
+    config = ctx.config
+    if not config.eval.tasks:
+        return {}
+    if config.run.backend != "hf":
+        ctx.log(f"eval.tasks: task accuracy runs on the hf backend only; skipped on {config.run.backend}")
+        return {}
+    dtype = backend.compute_dtype(config, backend.device_of(config))
+    with backend.scoring_forwards(model):
+        return run_tasks(model, tokenizer, config.eval.tasks, config.eval.task_limit, config.eval.batch_size,
+                         dtype, log=ctx.log)

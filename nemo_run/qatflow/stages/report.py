@@ -10,6 +10,7 @@ from qatflow.stage_context import StageContext
 from qatflow.stage_results import (EvalResult, Quality, Recovery, ReportResult, VerifiedScores, VerifyResult,
                                    read_result)
 from qatflow.stages.report_eval import generation_section, headline, ppl_change, text_section
+from qatflow.stages.report_tasks import task_section
 
 ROWS = (("06_eval_bf16", "BF16 / full precision"), ("07_eval_ptq", "PTQ"), ("08_eval_trained", "trained"))
 
@@ -183,6 +184,13 @@ def run(ctx: StageContext) -> ReportResult:
         "",
         "![BF16, PTQ and trained side by side](comparison.png)",
         "",
+    ]
+    # The models as their evaluation stages computed them; the trained one is the student (as trained).
+    task_rows = [(label, evals[stage].task_accuracy()) for stage, label in
+                 (("06_eval_bf16", "BF16 / full precision"), ("07_eval_ptq", f"{algorithm} PTQ"),
+                  ("08_eval_trained", f"{algorithm} {method} student"))]
+    lines += task_section(task_rows, ctx.out_dir)
+    lines += [
         "## Exported checkpoint",
         "",
         f"`{export_dir}`",
@@ -224,6 +232,8 @@ def run(ctx: StageContext) -> ReportResult:
     ]
     (ctx.out_dir / REPORT).write_text("\n".join(lines))
     ctx.log(f"report: {ctx.final_dir / REPORT}")
+    tasks = {label: {task: score.to_dict() for task, score in scores.items()} for label, scores in task_rows
+             if scores}
     return ReportResult(rows={label: quality.to_dict() for label, quality in rows}, recovery=recovery,
                         export_kl_assistant=verify.kl_assistant, export_numerics=verify.numerics,
-                        export_dir=str(export_dir))
+                        export_dir=str(export_dir), tasks=tasks or None)
