@@ -78,18 +78,13 @@ def run_check(name: str, config: FlowConfig, stage: str, sample: list[dict] | No
     if name == "data":
         input_checks.check_data_path(config)
         return input_checks.check_data(config)
-    if name == "model":
-        input_checks.check_model_files(config)
-    elif name == "hf_tokenizer":
-        input_checks.check_tokenizer_folder(config)
-    elif name == "chat_template":
-        input_checks.check_template_file(config)
-    elif name == "eval_text":
-        input_checks.check_eval_text(config)
-    elif name == "rendering":
+    if name == "rendering":
         input_checks.check_chat_template(config, sample if sample is not None else _sample(config, stage))
-    else:
+        return sample
+    checks = input_checks.path_checks()
+    if name not in checks:
         raise ValueError(f"no check named {name!r} (one of {', '.join(CHECK_NAMES)})")
+    checks[name](config)
     return sample
 
 

@@ -14,7 +14,7 @@ import os
 import struct
 import sys
 from pathlib import Path
-from typing import Any, Collection
+from typing import Any, Callable, Collection
 
 import yaml
 
@@ -509,16 +509,16 @@ def check_files(config: FlowConfig, dry_run: bool = False, deferred: Collection[
     A dry run plans from a model's config.json alone, so it does not ask for the weights. `deferred`: the
     qatflow.cluster_checks names of the paths that the first job checks instead (they are on the cluster only)."""
     check_log_dir(config)
-    if "chat_template" not in deferred:
-        check_template_file(config)
-    if "data" not in deferred:
-        check_data_path(config)
-    if "model" not in deferred:
-        check_model_files(config, dry_run=dry_run)
-    if "hf_tokenizer" not in deferred:
-        check_tokenizer_folder(config)
-    if "eval_text" not in deferred:
-        check_eval_text(config)
+    for name, check in path_checks(dry_run).items():
+        if name not in deferred:
+            check(config)
+
+
+def path_checks(dry_run: bool = False) -> dict[str, Callable[[FlowConfig], None]]:
+    """The check of each path the settings name, by its qatflow.cluster_checks name, in the order they run."""
+    return {"chat_template": check_template_file, "data": check_data_path,
+            "model": lambda config: check_model_files(config, dry_run=dry_run),
+            "hf_tokenizer": check_tokenizer_folder, "eval_text": check_eval_text}
 
 
 def check_eval_text(config: FlowConfig) -> None:

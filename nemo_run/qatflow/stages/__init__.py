@@ -111,7 +111,7 @@ def named_files(config: FlowConfig, stage: str) -> list[tuple[str, Path]]:
     task_folders = [str(Path(task).parent) for task in config.eval.tasks if task.endswith((".yaml", ".yml"))]
     named = {"00_data": [config.data.path],
              "01_import": [config.model.name, config.model.hf_tokenizer, config.model.chat_template],
-             **{stage: task_folders for stage in ("06_eval_bf16", "07_eval_ptq", "08_eval_trained")}}.get(stage, [])
+             **{stage: task_folders for stage in EVAL_STAGES}}.get(stage, [])
     if stage in EVAL_STAGES and config.eval.text_max_tokens:
         from qatflow.text_eval import text_source  # imports no torch
 

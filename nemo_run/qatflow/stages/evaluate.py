@@ -52,7 +52,7 @@ def run(ctx: StageContext) -> EvalResult:
             ctx.log(f"out-of-domain text ({extra['text']['source']}): ppl {extra['text']['ppl']:.3f} "
                     f"KL {extra['text']['kl']:.4f} on {extra['text']['tokens']} tokens")
         if config.eval.generation_prompts:
-            extra.update(generate_answers(ctx, model, tokenizer, device))
+            extra.update(generate_answers(ctx, backend, model, tokenizer, device))
     del reference  # the tasks score the model alone: the reference's memory goes back first
     tasks = task_scores(ctx, backend, model, tokenizer)
     if tasks:
@@ -60,7 +60,7 @@ def run(ctx: StageContext) -> EvalResult:
     return EvalResult.from_dict({"model_stage": model_stage, **metrics, **extra})
 
 
-def generate_answers(ctx: StageContext, model, tokenizer, device: torch.device) -> dict:
+def generate_answers(ctx: StageContext, backend, model, tokenizer, device: torch.device) -> dict:
     """The model's greedy answers to the first eval.generation_prompts held-out user turns, or why there are
     none: the nemo backend's scoring model computes logits only."""
     config = ctx.config
@@ -70,7 +70,6 @@ def generate_answers(ctx: StageContext, model, tokenizer, device: torch.device) 
         return {"generations_skipped": reason}
     items = generation.prompts(tokenizer, read_split(ctx.inputs["00_data"], "validation"),
                                config.eval.generation_prompts)
-    backend = get_backend(config.run.backend)
     answers = generation.generate(model, tokenizer, items, config.eval.max_new_tokens, device,
                                   backend.compute_dtype(config, device), log=ctx.log)
     return {"generations": {"max_new_tokens": config.eval.max_new_tokens, "answers": answers,

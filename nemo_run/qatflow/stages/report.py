@@ -186,9 +186,7 @@ def run(ctx: StageContext) -> ReportResult:
         "",
     ]
     # The models as their evaluation stages computed them; the trained one is the student (as trained).
-    task_rows = [(label, evals[stage].task_accuracy()) for stage, label in
-                 (("06_eval_bf16", "BF16 / full precision"), ("07_eval_ptq", f"{algorithm} PTQ"),
-                  ("08_eval_trained", f"{algorithm} {method} student"))]
+    task_rows = [(label, evals[stage].task_accuracy()) for stage, label in labels.items()]
     lines += task_section(task_rows, ctx.out_dir)
     lines += [
         "## Exported checkpoint",
