@@ -1,5 +1,6 @@
 """One process per stage attempt, and none outliving its run: the stage lock, stages that die with their CLI, the
-CLI's stop on SIGTERM, and the resume after each; the real flow on the tiny model, from a copy of its first stages."""
+CLI's stop on SIGTERM (of a stage process, or of the stage the CLI runs itself with run.in_process), and the resume
+after each; the real flow on the tiny model, from a copy of its first stages."""
 
 from __future__ import annotations
 
@@ -21,14 +22,15 @@ from test_flow_tiny import _assert_weights_only_and_no_checkpoints_left, _manife
 from qatflow import lifecycle
 
 EXPERIMENT = "life"
-SETTINGS = ("--experiment", EXPERIMENT, "--set", "train.steps=40", "--set", "train.checkpoint_every=5",
+# One process per stage (the recipe runs them in the CLI's process): what a stage process's kill and its lock do.
+SETTINGS = ("--experiment", EXPERIMENT, "--set", "run.in_process=false", "--set", "train.steps=40", "--set", "train.checkpoint_every=5",
             "--set", "train.keep_checkpoints=2", "--set", "verify.w4a16=false", "--set", "eval.num_samples=8")
 PREPARED = ("00_data", "01_import", "02_ptq")
 WAIT_SECONDS = 300
 
 
-def _args(recipe: Path, log_dir: Path) -> list[str]:
-    return ["--recipe", str(recipe), "--log-dir", str(log_dir), *SETTINGS]
+def _args(recipe: Path, log_dir: Path, *more: str) -> list[str]:
+    return ["--recipe", str(recipe), "--log-dir", str(log_dir), *SETTINGS, *more]
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +89,8 @@ def start(tiny_recipe, tmp_path, experiment) -> Iterator[Callable[[str], Run]]:
     leave a training behind on a machine that others share)."""
     started: list[Run] = []
 
-    def run(name: str) -> Run:
-        started.append(Run(_args(tiny_recipe, tmp_path), tmp_path, name))
+    def run(name: str, *more: str) -> Run:
+        started.append(Run(_args(tiny_recipe, tmp_path, *more), tmp_path, name))
         return started[-1]
 
     yield run
@@ -190,6 +192,34 @@ def test_killed_stage_then_killed_cli_leave_nothing_running_and_the_rerun_resume
     assert not list(experiment.glob(".*.partial-*"))
     _assert_weights_only_and_no_checkpoints_left(experiment)
     assert not _left_running(tmp_path, seconds=0)
+
+
+def test_a_run_in_process_stops_its_own_stage_on_sigterm_names_it_and_the_rerun_resumes(experiment, start, tmp_path):
+    """run.in_process: the CLI runs 03_train itself. SIGTERM stops it between two of its Python steps with the
+    same one line as a stage process's stop; what it left is partial, and the same command resumes from its last
+    checkpoint, skipping the finished stages."""
+    earlier = {stage: _manifest(experiment, stage)["timings"] for stage in PREPARED}
+    first = start("in_process", "--set", "run.in_process=true")
+    holder = first.wait_for("the second checkpoint", lambda: _checkpoint(experiment, 10) and
+                            _training_holder(experiment))
+    assert holder["pid"] == first.process.pid  # no stage process: the CLI holds the stage's lock
+    first.process.send_signal(signal.SIGTERM)
+    assert first.wait(60) == 128 + signal.SIGTERM, first.output()
+    lines = first.error_lines()  # the stage's own warnings come first: it wrote to this process's stderr
+    assert lines[-1].startswith("stopped 03_train (SIGTERM): run the same command again"), lines
+    assert not [line for line in lines if "Traceback" in line]
+    assert not (experiment / "03_train").exists() and not _left_running(tmp_path, seconds=0)
+    log = next(experiment.glob("nemo_run/**/03_train/log_03_train_direct_run.out"))
+    assert "[03_train" in log.read_text()  # the stage's own output, copied into its log
+
+    again = start("in_process_again", "--set", "run.in_process=true")
+    assert again.wait() == 0, again.output()
+    assert "run.Partial(qatflow.stages.runner.run_stage_in_process, stage='03_train')" in again.out.read_text()
+    for stage, timings in earlier.items():
+        assert _manifest(experiment, stage)["timings"] == timings  # skipped, not redone
+    train = _manifest(experiment, "03_train")["metrics"]
+    assert train["resumed_from_step"] >= 10 and train["steps"] == 40
+    assert not list(experiment.glob(".*.partial-*"))
 
 
 def test_an_attempt_refuses_a_held_lock_and_takes_a_dead_holders(tiny_recipe, tmp_path, monkeypatch):

@@ -104,7 +104,14 @@ def local_tasks(config: FlowConfig, stage: str) -> int:
     return parallelism(config, stage).devices
 
 
+def runs_in_process(config: FlowConfig) -> bool:
+    """run.in_process, where it applies: a local run of the hf backend whose every stage is one process."""
+    return (config.run.in_process and config.run.executor == "local" and config.run.backend == "hf"
+            and all(local_tasks(config, stage) == 1 for stage in STAGE_NAMES))
+
+
 def describe(config: FlowConfig, planned: list[PlannedStage]) -> str:
+    in_process = runs_in_process(config)
     lines = [
         f"experiment  {config.run.experiment}  ->  {config.experiment_dir}",
         f"recipe      {config.recipe}   backend {config.run.backend}   executor {config.run.executor}   "
@@ -118,7 +125,8 @@ def describe(config: FlowConfig, planned: list[PlannedStage]) -> str:
         lines.append(f"{stage.name:<16} {stage.status:<8} {','.join(stage.depends) or '-':<34} "
                      f"{','.join(stage.runs_after) or '-':<16} {spec.summary}")
         if stage.status != "done":
-            lines.append(f"{'':<16} task: run.Partial(qatflow.stages.runner.run_stage, stage={stage.name!r}) "
+            runner = "run_stage_in_process" if in_process else "run_stage"
+            lines.append(f"{'':<16} task: run.Partial(qatflow.stages.runner.{runner}, stage={stage.name!r}) "
                          f"-> qatflow.stages.{spec.module} on the {spec.resources} executor")
             if stage.checks:
                 lines.append(f"{'':<16} first checks: {', '.join(stage.checks)} (qatflow.cluster_checks)")
@@ -137,13 +145,14 @@ def _backend_description(config: FlowConfig, stage: str) -> str:
 
 
 def add_tasks(experiment, config: FlowConfig, planned: list[PlannedStage],
-              stage_executor: StageExecutor) -> dict[str, str]:
+              stage_executor: StageExecutor, in_process: bool = False) -> dict[str, str]:
     """One run.Partial per stage that is not done, with its dependencies and the executor's nemo_run executor for
-    it; returns stage -> task id."""
+    it; returns stage -> task id. `in_process`: tasks for nemo_run's direct mode, which runs them in this process in
+    the order added and takes no dependencies."""
     import nemo_run as run
 
     from qatflow.cluster_checks import run_stage_after_checks
-    from qatflow.stages.runner import run_stage
+    from qatflow.stages.runner import run_stage, run_stage_in_process
 
     config_yaml = config.to_yaml()
     task_ids: dict[str, str] = {}
@@ -151,14 +160,17 @@ def add_tasks(experiment, config: FlowConfig, planned: list[PlannedStage],
         if stage.status == "done":
             continue
         spec = BY_NAME[stage.name]
-        if stage.checks:
+        if in_process:
+            task = run.Partial(run_stage_in_process, stage=stage.name, config_yaml=config_yaml,
+                               checks=list(stage.checks) or None)
+        elif stage.checks:
             task = run.Partial(run_stage_after_checks, stage=stage.name, config_yaml=config_yaml,
                                checks=list(stage.checks))
         else:
             task = run.Partial(run_stage, stage=stage.name, config_yaml=config_yaml)
         task_ids[stage.name] = experiment.add(
             task, executor=stage_executor(config, spec.resources, stage.name), name=stage.name, tail_logs=True,
-            dependencies=[task_ids[dep] for dep in stage.runs_after])
+            dependencies=[] if in_process else [task_ids[dep] for dep in stage.runs_after])
     return task_ids
 
 

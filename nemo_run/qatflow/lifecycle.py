@@ -6,7 +6,8 @@
   kernel drops a flock when its holder dies, so the lock of a killed run is simply taken.
 - Driver: nemo_run's local executor starts each stage in a session of its own, so neither Ctrl-C nor a kill of the
   CLI's process group reaches it. A local stage process watches the CLI that launched it and ends when it is gone.
-- Stop: SIGINT, SIGTERM and SIGHUP of the CLI stop its stage processes; the CLI says which stage it stopped.
+- Stop: SIGINT, SIGTERM and SIGHUP of the CLI stop its stage processes, or the stage it runs itself
+  (run.in_process); the CLI says which stage it stopped.
 """
 
 from __future__ import annotations
@@ -206,6 +207,21 @@ def _watch_driver(stage: str, pid: int, ticks: str, pidfd: int | None, parent: i
 # The CLI stops its stages
 
 
+# The stage this process runs itself (run.in_process): what a stop names when no stage process is a child.
+_own_stage: str | None = None
+
+
+@contextmanager
+def running_here(stage: str) -> Iterator[None]:
+    """Marks `stage` as run by this process while it runs (run.in_process)."""
+    global _own_stage
+    _own_stage = stage
+    try:
+        yield
+    finally:
+        _own_stage = None
+
+
 class Stopped(BaseException):
     """The CLI received a stop signal (BaseException: nemo_run's `except Exception` must not swallow it)."""
 
@@ -254,7 +270,7 @@ def _stop_children(stage_names: Iterable[str], groups: dict[int, str]) -> None:
 
 def _wait_gone(groups: Iterable[int]) -> None:
     """Until no process of `groups` is alive; SIGKILL to those still there after the grace period."""
-    pending = set(groups) - {os.getpgid(0)}
+    pending = set(groups) - {os.getpgid(0), -1}
     deadline, killed = time.monotonic() + STOP_GRACE_SECONDS, False
     while pending:
         alive = {int(fields[2]) for _, fields in _live_processes()}
@@ -287,6 +303,8 @@ def stop_on_signals(stage_names: Iterable[str]) -> Iterator[None]:
     def stop(signum: int, frame: FrameType | None) -> None:
         for number, handler in previous.items():
             signal.signal(number, handler)
+        if _own_stage:  # run.in_process: the exception below stops the stage this process runs
+            groups.setdefault(-1, _own_stage)
         # Now, not once the exception has unwound: nemo_run's pool waits for the running stage's job to end.
         _stop_children(names, groups)
         raise Stopped(signum)

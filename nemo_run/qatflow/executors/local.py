@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from contextlib import suppress
 from pathlib import Path
 from typing import Optional
 
 from qatflow import lifecycle
 from qatflow.config import FlowConfig
 from qatflow.executors.base import FlowExecutor
-from qatflow.graph import JOB_ENV, PlannedStage, add_tasks, incomplete, local_tasks, open_experiment
+from qatflow.graph import (JOB_ENV, PlannedStage, add_tasks, incomplete, local_tasks, open_experiment,
+                           runs_in_process)
 from qatflow.stages import STAGE_NAMES
 
 
@@ -25,14 +27,25 @@ class LocalFlowExecutor(FlowExecutor):
                                  env_vars={**JOB_ENV, **lifecycle.driver_env()})
 
     def run(self, config: FlowConfig, planned: list[PlannedStage]) -> list[str]:
-        # Ctrl-C, SIGTERM or SIGHUP stop the running stage (which nemo_run started in a session of its own) and exit.
+        # Ctrl-C, SIGTERM or SIGHUP stop the running stage (which nemo_run started in a session of its own, or this
+        # process runs) and exit.
         with lifecycle.stop_on_signals(STAGE_NAMES), open_experiment(config) as experiment:
-            add_tasks(experiment, config, planned, self.stage_executor)
-            experiment.run(detach=False, tail_logs=True)
+            if runs_in_process(config):
+                # nemo_run's direct mode runs the tasks in the order added (the plan's), one after another, and has
+                # no dependencies: the first that raises ends the run, as a failed stage ends a run of processes.
+                add_tasks(experiment, config, planned, self.stage_executor, in_process=True)
+                with suppress(Exception):  # the stage's error is in its log; the CLI names the stage from there
+                    experiment.run(detach=False, direct=True)
+            else:
+                add_tasks(experiment, config, planned, self.stage_executor)
+                experiment.run(detach=False, tail_logs=True)
         return incomplete(config, planned)
 
     def stage_log(self, config: FlowConfig, stage: str) -> Optional[Path]:
-        """The newest log nemo_run wrote for `stage` in this experiment."""
+        """The newest log nemo_run wrote for `stage` in this experiment: a stage process's, or the copy of this
+        process's output while it ran the stage (run.in_process)."""
         root = config.experiment_dir / "nemo_run"
-        logs = sorted(root.rglob(f"{stage}/0/combined.log"), key=lambda p: p.stat().st_mtime) if root.exists() else []
-        return logs[-1] if logs else None
+        if not root.exists():
+            return None
+        logs = [*root.rglob(f"{stage}/0/combined.log"), *root.rglob(f"{stage}/log_{stage}_direct_run.out")]
+        return max(logs, key=lambda path: path.stat().st_mtime) if logs else None
