@@ -122,8 +122,12 @@ def test_dry_run_prints_the_graph_from_either_folder(tmp_path, where):
         assert stage in result.stdout
     assert "method QAD" in result.stdout and "executor local" in result.stdout
     assert "02_ptq           pending  00_data,01_import" in result.stdout
-    assert "run.Partial(qatflow.stages.runner.run_stage, stage='03_train')" in result.stdout
+    # The embedded default's recipe runs the stages in the CLI's process (run.in_process).
+    assert "run.Partial(qatflow.graph.run_stage_in_process, stage='03_train')" in result.stdout
     assert not any(tmp_path.iterdir())  # nothing ran
+    apart = run_flow("--distill", "--dry-run", "--log-dir", str(tmp_path), "--set", "run.in_process=false", cwd=cwd,
+                     entry=entry)
+    assert "run.Partial(qatflow.stages.runner.run_stage, stage='03_train')" in apart.stdout, apart.stderr
 
 
 def test_caller_relative_files_resolve_against_the_working_directory(tmp_path, monkeypatch):

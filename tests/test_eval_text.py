@@ -86,7 +86,7 @@ def test_stop_tokens_include_the_tokenizers_eos(tiny):
     assert tokenizer.eos_token_id in generation.stop_token_ids(tokenizer, model)
 
 
-def test_the_text_is_part_of_the_evaluations_fingerprints_only(tmp_path):
+def test_the_text_is_part_of_the_scoring_stages_fingerprints_only(tmp_path):
     from qatflow.config import build_config
     from qatflow.stages import fingerprints
 
@@ -97,9 +97,10 @@ def test_the_text_is_part_of_the_evaluations_fingerprints_only(tmp_path):
     path.write_text("second version")
     after = fingerprints(build_config("smollm2_135m_qad", {}, settings))
     changed = {stage for stage in before if before[stage] != after[stage]}
-    assert changed == {"06_eval_bf16", "07_eval_ptq", "08_eval_trained", "09_report"}
+    # 05_verify scores the export as served on it too; nothing upstream of the scoring reads it.
+    assert changed == {"05_verify", "06_eval_bf16", "07_eval_ptq", "08_eval_trained", "09_report"}
     fewer = fingerprints(build_config("smollm2_135m_qad", {}, settings + ["eval.generation_prompts=1"]))
-    assert fewer["05_verify"] == after["05_verify"] and fewer["06_eval_bf16"] != after["06_eval_bf16"]
+    assert fewer["04_export"] == after["04_export"] and fewer["05_verify"] != after["05_verify"]
 
 
 def test_perplexity_below_full_precision_is_no_recovery_above_100_percent():

@@ -86,6 +86,15 @@ def _assert_text_and_generations(experiment: Path, report: str) -> None:
     assert evals["06_eval_bf16"].text.kl == 0 and evals["07_eval_ptq"].text.kl > 0
     prompts = [a["prompt"] for a in evals["06_eval_bf16"].generations.answers]
     assert all(prompts == [a["prompt"] for a in r.generations.answers] for r in evals.values())
+    # 05_verify: the export as served on the same text (KL to full precision) and prompts; its answers are the
+    # student's as served, so greedy decoding of the same prompts stops where it does in a model of equal outputs.
+    from qatflow.stage_results import VerifyResult
+
+    verify = read_result(experiment / "05_verify", VerifyResult)
+    assert verify.served_text is not None and verify.served_text.source == evals["08_eval_trained"].text.source
+    assert verify.served_text.tokens == evals["08_eval_trained"].text.tokens and verify.served_text.kl > 0
+    assert verify.served_generations is not None
+    assert [a["prompt"] for a in verify.served_generations.answers] == prompts
     assert report.index("## Headline") < report.index("## Setup") < report.index("## Out-of-domain text") \
         < report.index("## Generations")
     assert "| NVFP4 QAD student |" in report and "export as served (bfloat16 W4A4)" in report
@@ -99,9 +108,9 @@ TASK_LIMIT = 4
 
 
 def _assert_task_accuracy_per_model(experiment: Path, report: str) -> None:
-    """Each evaluation stage ran the shipped tasks through lm-eval on its model; the report tabulates and plots
-    them per model."""
-    from qatflow.stage_results import EvalResult, ReportResult, read_result
+    """Each evaluation stage ran the shipped tasks through lm-eval on its model, and 05_verify on the export as
+    served; the report tabulates and plots them per model."""
+    from qatflow.stage_results import EvalResult, ReportResult, VerifyResult, read_result
 
     for stage in ("06_eval_bf16", "07_eval_ptq", "08_eval_trained"):
         scores = read_result(experiment / stage, EvalResult).task_accuracy()
@@ -109,10 +118,13 @@ def _assert_task_accuracy_per_model(experiment: Path, report: str) -> None:
         assert scores["chitchat_next_turn"].metric == "acc" and scores["chitchat_quote"].metric == "exact_match"
         for score in scores.values():
             assert 0.0 <= score.value <= 1.0 and score.stderr is not None and score.examples == TASK_LIMIT, score
+    served = read_result(experiment / "05_verify", VerifyResult).served_task_accuracy()
+    assert set(served) == set(TASKS) and all(score.examples == TASK_LIMIT for score in served.values()), served
     assert "## Task accuracy" in report and "| NVFP4 QAD student |" in report and "(acc, n=4)" in report
+    assert "| export as served (bfloat16 W4A4) |" in report.split("## Task accuracy")[1]
     assert (experiment / "09_report" / "tasks.png").stat().st_size > 10_000
     tasks = read_result(experiment / "09_report", ReportResult).tasks
-    assert tasks is not None and len(tasks) == 3 and all(set(by_task) == set(TASKS) for by_task in tasks.values())
+    assert tasks is not None and len(tasks) == 4 and all(set(by_task) == set(TASKS) for by_task in tasks.values())
 
 
 def _assert_results_read_back_as_written(experiment: Path) -> None:

@@ -214,7 +214,7 @@ def test_a_run_in_process_stops_its_own_stage_on_sigterm_names_it_and_the_rerun_
 
     again = start("in_process_again", "--set", "run.in_process=true")
     assert again.wait() == 0, again.output()
-    assert "run.Partial(qatflow.stages.runner.run_stage_in_process, stage='03_train')" in again.out.read_text()
+    assert "run.Partial(qatflow.graph.run_stage_in_process, stage='03_train')" in again.out.read_text()
     for stage, timings in earlier.items():
         assert _manifest(experiment, stage)["timings"] == timings  # skipped, not redone
     train = _manifest(experiment, "03_train")["metrics"]

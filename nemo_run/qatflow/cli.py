@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print_error(error)
         return 2
-    print(graph.describe(config, planned))
+    print(graph.describe(config, planned, executor.runs_in_process(config)))
     checking = next((stage.name for stage in planned if stage.checks), None)
     if checking:
         print(f"\n{cluster_checks.describe(deferred, checking)}")

@@ -6,7 +6,11 @@ and runs the graph; this module imports none of them.
 
 from __future__ import annotations
 
+import gc
+import os
 import shutil
+import sys
+import traceback
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
@@ -104,19 +108,15 @@ def local_tasks(config: FlowConfig, stage: str) -> int:
     return parallelism(config, stage).devices
 
 
-def runs_in_process(config: FlowConfig) -> bool:
-    """run.in_process, where it applies: a local run of the hf backend whose every stage is one process."""
-    return (config.run.in_process and config.run.executor == "local" and config.run.backend == "hf"
-            and all(local_tasks(config, stage) == 1 for stage in STAGE_NAMES))
-
-
-def describe(config: FlowConfig, planned: list[PlannedStage]) -> str:
-    in_process = runs_in_process(config)
+def describe(config: FlowConfig, planned: list[PlannedStage], in_process: bool = False) -> str:
+    """The plan as the CLI prints it; `in_process`: the executor runs the stages in this process."""
     lines = [
         f"experiment  {config.run.experiment}  ->  {config.experiment_dir}",
         f"recipe      {config.recipe}   backend {config.run.backend}   executor {config.run.executor}   "
         f"method {config.train.method.upper()}   algorithm {config.ptq.algorithm}",
         f"model       {config.model.name}",
+        *(["runs in    this process, one stage after another (run.in_process: nemo_run's direct mode)"]
+          if in_process else []),
         "",
         f"{'stage':<16} {'status':<8} {'needs':<34} {'runs after':<16} what it runs",
     ]
@@ -125,8 +125,8 @@ def describe(config: FlowConfig, planned: list[PlannedStage]) -> str:
         lines.append(f"{stage.name:<16} {stage.status:<8} {','.join(stage.depends) or '-':<34} "
                      f"{','.join(stage.runs_after) or '-':<16} {spec.summary}")
         if stage.status != "done":
-            runner = "run_stage_in_process" if in_process else "run_stage"
-            lines.append(f"{'':<16} task: run.Partial(qatflow.stages.runner.{runner}, stage={stage.name!r}) "
+            runner = "graph.run_stage_in_process" if in_process else "stages.runner.run_stage"
+            lines.append(f"{'':<16} task: run.Partial(qatflow.{runner}, stage={stage.name!r}) "
                          f"-> qatflow.stages.{spec.module} on the {spec.resources} executor")
             if stage.checks:
                 lines.append(f"{'':<16} first checks: {', '.join(stage.checks)} (qatflow.cluster_checks)")
@@ -152,7 +152,7 @@ def add_tasks(experiment, config: FlowConfig, planned: list[PlannedStage],
     import nemo_run as run
 
     from qatflow.cluster_checks import run_stage_after_checks
-    from qatflow.stages.runner import run_stage, run_stage_in_process
+    from qatflow.stages.runner import run_stage
 
     config_yaml = config.to_yaml()
     task_ids: dict[str, str] = {}
@@ -172,6 +172,33 @@ def add_tasks(experiment, config: FlowConfig, planned: list[PlannedStage],
             task, executor=stage_executor(config, spec.resources, stage.name), name=stage.name, tail_logs=True,
             dependencies=[] if in_process else [task_ids[dep] for dep in stage.runs_after])
     return task_ids
+
+
+def run_stage_in_process(stage: str, config_yaml: str, checks: list[str] | None = None) -> None:
+    """The function each task of a run.in_process run calls, in the CLI's own process (with `checks`: the
+    first job's checks of paths left to it, then the stage). nemo_run copies this process's output into the
+    stage's log while it runs: its error goes there as a stage process's would; what the stage held is freed
+    before the next one starts."""
+    from qatflow import lifecycle
+    from qatflow.cluster_checks import run_stage_after_checks
+    from qatflow.stages.runner import run_stage
+
+    for name, value in JOB_ENV.items():  # what a stage process gets
+        os.environ.setdefault(name, value)
+    try:
+        with lifecycle.running_here(stage):
+            if checks:
+                run_stage_after_checks(stage, config_yaml, checks)
+            else:
+                run_stage(stage, config_yaml)
+    except Exception:
+        traceback.print_exc()
+        raise
+    finally:
+        gc.collect()
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def open_experiment(config: FlowConfig):

@@ -239,6 +239,13 @@ class VerifyResult(VerifiedScores):
     served_ppl_all: Optional[float] = optional()
     # nemo backend: the weight-only export as served (its own w4a16 comparison is in fp32); KL to full precision.
     served_w4a16: Optional[Quality] = optional()
+    # The export as served on what the evaluation stages measure besides the held-out conversations.
+    served_text: Optional[TextScores] = optional()  # KL to full precision
+    served_generations: Optional[Generations] = optional()
+    served_tasks: Optional[dict[str, dict[str, Any]]] = optional()
+
+    def served_task_accuracy(self) -> dict[str, TaskAccuracy]:
+        return {name: TaskAccuracy.from_dict(score) for name, score in (self.served_tasks or {}).items()}
 
 
 # ---- 09_report --------------------------------------------------------------------------------------------------

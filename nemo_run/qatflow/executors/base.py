@@ -22,6 +22,11 @@ class FlowExecutor(ABC):
     # The stages share one machine and run one after another; False: a scheduler starts each once its inputs exist.
     one_at_a_time: ClassVar[bool] = True
 
+    def runs_in_process(self, config: FlowConfig) -> bool:
+        """Whether the stages run in the CLI's own process (run.in_process; local runs only): a job per stage
+        is how a cluster or a container runs them."""
+        return False
+
     def check_settings(self, config: FlowConfig) -> None:
         """This executor's own settings and the files they name, checked before the other inputs (which read what
         they name) and without a cluster or a daemon."""

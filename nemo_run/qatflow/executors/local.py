@@ -9,8 +9,7 @@ from typing import Optional
 from qatflow import lifecycle
 from qatflow.config import FlowConfig
 from qatflow.executors.base import FlowExecutor
-from qatflow.graph import (JOB_ENV, PlannedStage, add_tasks, incomplete, local_tasks, open_experiment,
-                           runs_in_process)
+from qatflow.graph import JOB_ENV, PlannedStage, add_tasks, incomplete, local_tasks, open_experiment
 from qatflow.stages import STAGE_NAMES
 
 
@@ -30,7 +29,7 @@ class LocalFlowExecutor(FlowExecutor):
         # Ctrl-C, SIGTERM or SIGHUP stop the running stage (which nemo_run started in a session of its own, or this
         # process runs) and exit.
         with lifecycle.stop_on_signals(STAGE_NAMES), open_experiment(config) as experiment:
-            if runs_in_process(config):
+            if self.runs_in_process(config):
                 # nemo_run's direct mode runs the tasks in the order added (the plan's), one after another, and has
                 # no dependencies: the first that raises ends the run, as a failed stage ends a run of processes.
                 add_tasks(experiment, config, planned, self.stage_executor, in_process=True)
@@ -40,6 +39,11 @@ class LocalFlowExecutor(FlowExecutor):
                 add_tasks(experiment, config, planned, self.stage_executor)
                 experiment.run(detach=False, tail_logs=True)
         return incomplete(config, planned)
+
+    def runs_in_process(self, config: FlowConfig) -> bool:
+        """run.in_process, where it applies: a run of the hf backend whose every stage is one process."""
+        return (config.run.in_process and config.run.backend == "hf"
+                and all(local_tasks(config, stage) == 1 for stage in STAGE_NAMES))
 
     def stage_log(self, config: FlowConfig, stage: str) -> Optional[Path]:
         """The newest log nemo_run wrote for `stage` in this experiment: a stage process's, or the copy of this

@@ -50,16 +50,16 @@ STAGES: tuple[StageSpec, ...] = (
 
 BY_NAME = {spec.name: spec for spec in STAGES}
 EVAL_STAGES = ("06_eval_bf16", "07_eval_ptq", "08_eval_trained")
+# The stages that run the evaluation's text, generations and tasks: 05_verify on the export as served.
+SCORING_STAGES = ("05_verify", *EVAL_STAGES)
 STAGE_NAMES = tuple(BY_NAME)
 
 
 # Settings that change how a stage runs or what it prints, not its result: changing them reruns nothing.
 NOT_INPUTS = frozenset({"train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                         "train.activation_checkpointing", "train.fsdp_gather_once_per_step"})
-# Settings of a section that one stage reads, but whose value its result does not depend on: 05_verify scores
-# the held-out conversations only.
-NOT_INPUTS_OF = {"05_verify": frozenset({"eval.text_path", "eval.text_max_tokens", "eval.generation_prompts",
-                                         "eval.max_new_tokens", "eval.tasks", "eval.task_limit"})}
+# Settings of a section that one stage reads, but whose value its result does not depend on.
+NOT_INPUTS_OF: dict[str, frozenset[str]] = {}
 # The nemo section's settings that change a stage's result, by stage (the hf backend reads none of them). The rest
 # decide where and how fast it runs (parallelism, asynchronous saves, the distributed optimizer) or are labels.
 NEMO_INPUTS = {
@@ -111,8 +111,8 @@ def named_files(config: FlowConfig, stage: str) -> list[tuple[str, Path]]:
     task_folders = [str(Path(task).parent) for task in config.eval.tasks if task.endswith((".yaml", ".yml"))]
     named = {"00_data": [config.data.path],
              "01_import": [config.model.name, config.model.hf_tokenizer, config.model.chat_template],
-             **{stage: task_folders for stage in EVAL_STAGES}}.get(stage, [])
-    if stage in EVAL_STAGES and config.eval.text_max_tokens:
+             **{stage: task_folders for stage in SCORING_STAGES}}.get(stage, [])
+    if stage in SCORING_STAGES and config.eval.text_max_tokens:
         from qatflow.text_eval import text_source  # imports no torch
 
         named = [*named, str(text_source(config.eval.text_path))]  # the out-of-domain text (default: a README)

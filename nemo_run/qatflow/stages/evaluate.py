@@ -40,27 +40,39 @@ def run(ctx: StageContext) -> EvalResult:
     if model_stage != "01_import":
         reference, _ = backend.load_model(ctx.inputs["01_import"], config, device)
     ctx.log(f"scoring {model_stage} on {device}")
-    extra: dict = {}
+    dtype = backend.compute_dtype(config, device)
     with backend.scoring_forwards(model, reference):
         metrics = score_held_out(ctx, backend, model, tokenizer, reference)
         ctx.log(f"ppl assistant {metrics['ppl_assistant']:.3f} all {metrics['ppl_all']:.3f} "
                 f"KL assistant {metrics['kl_assistant']:.4f} all {metrics['kl_all']:.4f}")
-        if config.eval.text_max_tokens:
-            extra["text"] = score_text(model, tokenizer, config.eval.text_path, config.eval.seq_len,
-                                       config.eval.text_max_tokens, config.eval.batch_size, device,
-                                       backend.compute_dtype(config, device), reference=reference, log=ctx.log)
-            ctx.log(f"out-of-domain text ({extra['text']['source']}): ppl {extra['text']['ppl']:.3f} "
-                    f"KL {extra['text']['kl']:.4f} on {extra['text']['tokens']} tokens")
-        if config.eval.generation_prompts:
-            extra.update(generate_answers(ctx, backend, model, tokenizer, device))
+    extra = text_and_answers(ctx, backend, model, tokenizer, reference, dtype)
     del reference  # the tasks score the model alone: the reference's memory goes back first
-    tasks = task_scores(ctx, backend, model, tokenizer)
+    tasks = task_scores(ctx, backend, model, tokenizer, dtype)
     if tasks:
         extra["tasks"] = tasks
     return EvalResult.from_dict({"model_stage": model_stage, **metrics, **extra})
 
 
-def generate_answers(ctx: StageContext, backend, model, tokenizer, device: torch.device) -> dict:
+def text_and_answers(ctx: StageContext, backend, model, tokenizer, reference, dtype: torch.dtype) -> dict:
+    """What the evaluation measures of `model` besides the held-out conversations and the tasks: perplexity and KL
+    to `reference` on the out-of-domain text (eval.text_max_tokens), and greedy answers (eval.generation_prompts).
+    05_verify measures the export as served with it too."""
+    config = ctx.config
+    device = backend.device_of(config)
+    found: dict = {}
+    with backend.scoring_forwards(model, *([reference] if reference is not None else [])):
+        if config.eval.text_max_tokens:
+            found["text"] = score_text(model, tokenizer, config.eval.text_path, config.eval.seq_len,
+                                       config.eval.text_max_tokens, config.eval.batch_size, device, dtype,
+                                       reference=reference, log=ctx.log)
+            ctx.log(f"out-of-domain text ({found['text']['source']}): ppl {found['text']['ppl']:.3f} "
+                    f"KL {found['text']['kl']:.4f} on {found['text']['tokens']} tokens")
+        if config.eval.generation_prompts:
+            found.update(generate_answers(ctx, backend, model, tokenizer, device, dtype))
+    return found
+
+
+def generate_answers(ctx: StageContext, backend, model, tokenizer, device: torch.device, dtype: torch.dtype) -> dict:
     """The model's greedy answers to the first eval.generation_prompts held-out user turns, or why there are
     none: the nemo backend's scoring model computes logits only."""
     config = ctx.config
@@ -70,22 +82,24 @@ def generate_answers(ctx: StageContext, backend, model, tokenizer, device: torch
         return {"generations_skipped": reason}
     items = generation.prompts(tokenizer, read_split(ctx.inputs["00_data"], "validation"),
                                config.eval.generation_prompts)
-    answers = generation.generate(model, tokenizer, items, config.eval.max_new_tokens, device,
-                                  backend.compute_dtype(config, device), log=ctx.log)
+    answers = generation.generate(model, tokenizer, items, config.eval.max_new_tokens, device, dtype, log=ctx.log)
     return {"generations": {"max_new_tokens": config.eval.max_new_tokens, "answers": answers,
                             **generation.summary(answers)}}
 
 
-def task_scores(ctx: StageContext, backend, model, tokenizer) -> dict:
+def task_scores(ctx: StageContext, backend, model, tokenizer, dtype: torch.dtype) -> dict:
     """eval.tasks through lm-eval on the model in memory, computed as the perplexity harness computes it. The nemo
-    backend's model is a Megatron one, which lm-eval's Hugging Face model cannot drive: no tasks there."""
+    backend's scoring model is a Megatron one, which lm-eval's Hugging Face model cannot drive: no tasks there (its
+    export, a transformers model, is scored by 05_verify)."""
+    from transformers import PreTrainedModel
+
     config = ctx.config
     if not config.eval.tasks:
         return {}
-    if config.run.backend != "hf":
-        ctx.log(f"eval.tasks: task accuracy runs on the hf backend only; skipped on {config.run.backend}")
+    if not isinstance(model, PreTrainedModel):
+        ctx.log(f"eval.tasks: task accuracy runs on transformers models; skipped on the {config.run.backend} "
+                f"backend's scoring model")
         return {}
-    dtype = backend.compute_dtype(config, backend.device_of(config))
     with backend.scoring_forwards(model):
         return run_tasks(model, tokenizer, config.eval.tasks, config.eval.task_limit, config.eval.batch_size,
                          dtype, log=ctx.log)

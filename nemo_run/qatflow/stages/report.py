@@ -143,10 +143,11 @@ def run(ctx: StageContext) -> ReportResult:
     labels = {"06_eval_bf16": ROWS[0][1], "07_eval_ptq": f"{algorithm} PTQ",
               "08_eval_trained": f"{algorithm} {method} student"}
     revision = f" at revision `{config.model.revision}`" if config.model.revision else ""
+    export_label = f"export as served ({verify.served})"
     lines = [
         f"# qatflow report: {config.run.experiment}",
         "",
-        *headline(labels, evals, served, verify.served if served is not None else None),
+        *headline(labels, evals, served, verify.served if served is not None else None, verify.served_text),
         "## Setup",
         "",
         f"- model: `{config.model.name}`{revision} (recipe `{config.recipe}`, backend {config.run.backend})",
@@ -178,15 +179,20 @@ def run(ctx: StageContext) -> ReportResult:
         f"KL: it closed "
         f"{_percent(recovery.kl_gap_closed_assistant)} of PTQ's KL to full precision.",
         "",
-        *text_section(labels, evals),
-        *generation_section(labels, evals),
+        *text_section([*((labels[stage], evals[stage].text) for stage in labels), (export_label, verify.served_text)]),
+        *generation_section([*((labels[stage], evals[stage].generations) for stage in labels),
+                             (export_label, verify.served_generations)],
+                            next((result.generations_skipped for result in evals.values()
+                                  if result.generations_skipped), None)),
         "![training loss](loss.png)",
         "",
         "![BF16, PTQ and trained side by side](comparison.png)",
         "",
     ]
-    # The models as their evaluation stages computed them; the trained one is the student (as trained).
-    task_rows = [(label, evals[stage].task_accuracy()) for stage, label in labels.items()]
+    # The models as their evaluation stages computed them (the trained one is the student as trained), then the
+    # export as served.
+    task_rows = [*((label, evals[stage].task_accuracy()) for stage, label in labels.items()),
+                 (export_label, verify.served_task_accuracy())]
     lines += task_section(task_rows, ctx.out_dir)
     lines += [
         "## Exported checkpoint",

@@ -3,7 +3,7 @@ and the export as served), the out-of-domain text, and the models' greedy answer
 
 from __future__ import annotations
 
-from qatflow.stage_results import EvalResult, Quality
+from qatflow.stage_results import EvalResult, Generations, Quality, TextScores
 
 
 def ppl_change(closed: float | None, full: float, ptq: float, trained: float) -> str:
@@ -21,12 +21,12 @@ def _kl_share(kl: float, ptq_kl: float) -> str:
 
 
 def headline(labels: dict[str, str], evals: dict[str, EvalResult], served: Quality | None,
-             served_how: str | None) -> list[str]:
+             served_how: str | None, served_text: TextScores | None = None) -> list[str]:
     """KL to full precision (assistant tokens) of the trained student and the export as served, beside PTQ's."""
     full, ptq, trained = evals["06_eval_bf16"], evals["07_eval_ptq"], evals["08_eval_trained"]
     rows = [(labels["07_eval_ptq"], ptq, ptq.text), (labels["08_eval_trained"], trained, trained.text)]
     if served is not None:
-        rows.append((f"export as served ({served_how})", served, None))
+        rows.append((f"export as served ({served_how})", served, served_text))
     lines = ["## Headline", "",
              "| model | KL to full precision (assistant) | ppl (assistant) | out-of-domain KL | out-of-domain ppl |",
              "|---|---|---|---|---|"]
@@ -43,16 +43,16 @@ def headline(labels: dict[str, str], evals: dict[str, EvalResult], served: Quali
     return lines
 
 
-def text_section(labels: dict[str, str], evals: dict[str, EvalResult]) -> list[str]:
-    """Perplexity and KL to full precision on the out-of-domain text; nothing where it was not scored."""
-    scored = [(labels[stage], result.text) for stage, result in evals.items() if result.text is not None]
+def text_section(rows: list[tuple[str, TextScores | None]]) -> list[str]:
+    """Perplexity and KL to full precision on the out-of-domain text, by model; nothing where it was not scored."""
+    scored = [(label, text) for label, text in rows if text is not None]
     if not scored:
         return []
     text = scored[0][1]
     lines = ["## Out-of-domain text", "",
              f"Another domain than the chat data: {text.source}, its first {text.tokens + text.windows} tokens in "
              f"{text.windows} windows, no chat template, every token counted (eval.text_path, "
-             f"eval.text_max_tokens). The export is not scored on it.", "",
+             f"eval.text_max_tokens).", "",
              "| model | ppl (all tokens) | KL to full precision |", "|---|---|---|"]
     lines += [f"| {label} | {scores.ppl:.3f} | {scores.kl:.4g} |" for label, scores in scored]
     return lines + [""]
@@ -65,12 +65,10 @@ def _cell(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + " …"
 
 
-def generation_section(labels: dict[str, str], evals: dict[str, EvalResult]) -> list[str]:
+def generation_section(rows: list[tuple[str, Generations | None]], skipped: str | None) -> list[str]:
     """Each prompt with every model's greedy answer, then per model the mean length and the share that hit the
-    limit without an end-of-turn token."""
-    generated = [(labels[stage], result.generations) for stage, result in evals.items()
-                 if result.generations is not None]
-    skipped = next((result.generations_skipped for result in evals.values() if result.generations_skipped), None)
+    limit without an end-of-turn token; `skipped`: why the evaluation stages generated nothing."""
+    generated = [(label, generations) for label, generations in rows if generations is not None]
     if not generated:
         return ["## Generations", "", f"No generations: {skipped}.", ""] if skipped else []
     limit = generated[0][1].max_new_tokens

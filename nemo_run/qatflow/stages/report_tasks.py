@@ -42,8 +42,9 @@ def task_section(rows: list[tuple[str, dict[str, TaskAccuracy]]], out_dir: Path)
     tasks = list(dict.fromkeys(task for _, scores in rows for task in scores))
     _plot(rows, tasks, out_dir / TASKS_PLOT)
     lines = ["## Task accuracy", "",
-             "lm-evaluation-harness on eval.tasks, each model as its evaluation stage computed it (prompts without "
-             "the chat template, greedy generation); ± is the standard error over the examples.", "",
+             "lm-evaluation-harness on eval.tasks, each model as its evaluation stage computed it and the export as "
+             "05_verify computes it, as served (prompts without the chat template, greedy generation); ± is the "
+             "standard error over the examples.", "",
              "| model | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
     for label, scores in rows:
         cells = []

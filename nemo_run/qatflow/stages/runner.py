@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import errno
-import gc
 import importlib
 import os
 import shutil
-import sys
-import traceback
 from pathlib import Path
 
 from qatflow import distributed, lifecycle
@@ -72,30 +69,6 @@ def run_stage(stage: str, config_yaml: str) -> None:
         _run_stage(stage, config, secrets, rank, world_size)
     finally:
         lock.release()
-
-
-def run_stage_in_process(stage: str, config_yaml: str, checks: list[str] | None = None) -> None:
-    """The function each task of a run.in_process run calls, in the CLI's own process (with `checks`: the
-    first job's checks of paths left to it, then the stage). nemo_run copies this process's output into the
-    stage's log while it runs: its error goes there as a stage process's would; what the stage held is freed
-    before the next one starts."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # what a stage process gets (graph.JOB_ENV)
-    try:
-        with lifecycle.running_here(stage):
-            if checks:
-                from qatflow.cluster_checks import run_stage_after_checks
-
-                run_stage_after_checks(stage, config_yaml, checks)
-            else:
-                run_stage(stage, config_yaml)
-    except Exception:
-        traceback.print_exc()
-        raise
-    finally:
-        gc.collect()
-        torch = sys.modules.get("torch")
-        if torch is not None and torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
 
 def _run_stage(stage: str, config: FlowConfig, secrets: list[str], rank: int, world_size: int) -> None:

@@ -181,6 +181,8 @@ def _verify(ctx: StageContext) -> dict:
         if not across_libraries:
             _fail_above_max_kl(config, metrics, numerics, differing)
             result["gate"] = f"KL ({numerics}) at most verify.max_kl = {config.verify.max_kl:g} nats/token"
+        if same_model:  # the export computes as served: the rest of the evaluation on it
+            result.update(_served_beyond_held_out(ctx, exported, tokenizer, full))
         del exported
         gc.collect()
         if ct_dir.is_dir():  # export.format=both: the second checkpoint, by the same rule
@@ -213,6 +215,7 @@ def _verify(ctx: StageContext) -> dict:
         as_served = _score(ctx, items, device, served_model, tokenizer, full, None)
         result.update({"served_ppl_assistant": as_served["ppl_assistant"], "served_ppl_all": as_served["ppl_all"],
                        "kl_full_assistant": as_served["kl_assistant"], "kl_full_all": as_served["kl_all"]})
+        result.update(_served_beyond_held_out(ctx, served_model, tokenizer, full))
         del served_model
         if isinstance(result.get("w4a16"), dict):  # the weight-only path as served too, for the report's W4A16 row
             served_model, _ = load_exported_model(export_dir, device, served, activations=False)
@@ -222,6 +225,20 @@ def _verify(ctx: StageContext) -> dict:
             del served_model
     result["served"] = f"{config.export.dtype} W4A4" if quantized else config.export.dtype
     return result
+
+
+def _served_beyond_held_out(ctx: StageContext, served_model, tokenizer, full) -> dict:
+    """The export as served on the rest of what the evaluation stages measure: the out-of-domain text (KL to the
+    full-precision model), greedy answers and eval.tasks, computed in its own dtype as `_score` computes it."""
+    from qatflow.stages.evaluate import task_scores, text_and_answers
+
+    backend = get_backend(ctx.config.run.backend)
+    device = backend.device_of(ctx.config)
+    with fp32_accumulating_linears(device):
+        found = text_and_answers(ctx, backend, served_model, tokenizer, full, torch.float32)
+        tasks = task_scores(ctx, backend, served_model, tokenizer, torch.float32)
+    found["tasks"] = tasks
+    return {f"served_{key}": found[key] for key in ("text", "generations", "tasks") if found.get(key)}
 
 
 def _fail_above_max_kl(config, metrics: dict, numerics: str, differing: list[str]) -> None:
