@@ -61,13 +61,9 @@ def run(ctx: StageContext) -> EvalResult:
 
 
 def generate_answers(ctx: StageContext, backend, model, tokenizer, device: torch.device) -> dict:
-    """The model's greedy answers to the first eval.generation_prompts held-out user turns, or why there are
-    none: the nemo backend's scoring model computes logits only."""
+    """The model's greedy answers to the first eval.generation_prompts held-out user turns (the nemo backend's
+    scoring model, which computes logits only, by a full forward per token)."""
     config = ctx.config
-    if not hasattr(model, "generate"):
-        reason = f"the {config.run.backend} backend's scoring model has no generate()"
-        ctx.log(f"no generations: {reason}")
-        return {"generations_skipped": reason}
     items = generation.prompts(tokenizer, read_split(ctx.inputs["00_data"], "validation"),
                                config.eval.generation_prompts)
     answers = generation.generate(model, tokenizer, items, config.eval.max_new_tokens, device,
@@ -77,13 +73,10 @@ def generate_answers(ctx: StageContext, backend, model, tokenizer, device: torch
 
 
 def task_scores(ctx: StageContext, backend, model, tokenizer) -> dict:
-    """eval.tasks through lm-eval on the model in memory, computed as the perplexity harness computes it. The nemo
-    backend's model is a Megatron one, which lm-eval's Hugging Face model cannot drive: no tasks there."""
+    """eval.tasks through lm-eval on the model in memory, computed as the perplexity harness computes it (the nemo
+    backend's Megatron model through its logits alone: task_accuracy.LogitsLM)."""
     config = ctx.config
     if not config.eval.tasks:
-        return {}
-    if config.run.backend != "hf":
-        ctx.log(f"eval.tasks: task accuracy runs on the hf backend only; skipped on {config.run.backend}")
         return {}
     dtype = backend.compute_dtype(config, backend.device_of(config))
     with backend.scoring_forwards(model):
