@@ -53,8 +53,14 @@ def test_kl_zero_against_itself_positive_against_perturbed(tiny, tmp_path):
     assert other["ppl"] != itself["ppl"]
 
 
-def test_generation_stops_at_the_end_token_the_model_emits_and_counts_the_limit(tiny):
+@pytest.mark.parametrize("logits_only", [False, True], ids=["generate", "full_forwards"])
+def test_generation_stops_at_the_end_token_the_model_emits_and_counts_the_limit(tiny, logits_only):
+    """transformers' generate, and for a model without one (the nemo backend's) greedy full forwards: the same
+    answers."""
+    from tiny_assets import LogitsOnly
+
     model, tokenizer = tiny
+    generating = LogitsOnly(model) if logits_only else model
     records = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there!"},
                              {"role": "assistant", "content": "Hello."}]},
                {"messages": [{"role": "assistant", "content": "no user turn"}]},
@@ -65,14 +71,14 @@ def test_generation_stops_at_the_end_token_the_model_emits_and_counts_the_limit(
     assert rendered.endswith("<|im_start|>assistant\n") and "Hello." not in rendered
     cpu = torch.device("cpu")
     # The random model's own greedy continuation, with no token that stops it.
-    free = generation.generate(model, tokenizer, items[:1], 12, cpu, stop_ids={-1}, log=lambda _: None)[0]
+    free = generation.generate(generating, tokenizer, items[:1], 12, cpu, stop_ids={-1}, log=lambda _: None)[0]
     assert free["tokens"] == 12 and not free["ended"] and free["hit_limit"]
     ids = model.generate(input_ids=torch.tensor([items[0]["ids"]]), max_new_tokens=12, do_sample=False,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=None)[0, len(items[0]["ids"]):].tolist()
     # The end-of-turn token is a token the model really emits: the 4th of its answer (first occurrence).
     stop = ids[3]
     first = ids.index(stop)
-    stopped = generation.generate(model, tokenizer, items[:1], 12, cpu, stop_ids={stop}, log=lambda _: None)[0]
+    stopped = generation.generate(generating, tokenizer, items[:1], 12, cpu, stop_ids={stop}, log=lambda _: None)[0]
     assert stopped["tokens"] == first + 1 and stopped["ended"] and not stopped["hit_limit"]
     assert stopped["text"] == tokenizer.decode(ids[:first]).strip()  # the answer without its end token
     assert free["text"] == tokenizer.decode(ids).strip()

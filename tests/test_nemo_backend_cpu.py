@@ -21,7 +21,7 @@ data: {{num_train: 64, num_validation: 16}}
 ptq: {{calib_samples: 8, calib_seq_len: 128, calib_batch_size: 4}}
 train: {{steps: 6, global_batch_size: 4, micro_batch_size: 2, seq_len: 128, checkpoint_every: 3, lr: 1.0e-4,
         warmup_steps: 1}}
-eval: {{num_samples: 16, seq_len: 128, batch_size: 8}}
+eval: {{num_samples: 16, seq_len: 128, batch_size: 8, tasks: [chitchat_next_turn, chitchat_quote], task_limit: 4}}
 nemo: {{val_check_interval: 3, limit_val_batches: 2}}
 """
 
@@ -82,6 +82,27 @@ def test_import_reproduces_the_hf_model(nemo_run_dir, tiny_model):
     assert nemo["tokens_all"] == hf["tokens_all"]
     assert nemo["ppl_all"] == pytest.approx(hf["ppl_all"], rel=1e-4)
     assert _metrics(nemo_run_dir, "01_import")["nemo_config"] == "Llama31Config"  # the tiny model has its rope
+
+
+def test_evaluations_generate_and_score_the_tasks(nemo_run_dir, tiny_model):
+    """The Megatron models answer the prompts greedily and run eval.tasks through lm-eval (task_accuracy.LogitsLM);
+    the imported one scores the tasks as lm-eval's HFLM scores the HF model it came from."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qatflow.task_accuracy import run_tasks
+
+    for stage in ("06_eval_bf16", "07_eval_ptq", "08_eval_trained"):
+        metrics = _metrics(nemo_run_dir, stage)
+        assert sorted(metrics["tasks"]) == ["chitchat_next_turn", "chitchat_quote"], stage
+        assert all(score["examples"] == 4 for score in metrics["tasks"].values()), metrics["tasks"]
+        answers = metrics["generations"]["answers"]
+        assert len(answers) == 2 and all(answer["tokens"] > 0 for answer in answers), answers
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    hf = run_tasks(model, AutoTokenizer.from_pretrained(tiny_model), ["chitchat_next_turn", "chitchat_quote"], 4,
+                   batch_size=8, log=lambda message: None)
+    nemo = _metrics(nemo_run_dir, "06_eval_bf16")["tasks"]
+    assert {task: score["value"] for task, score in nemo.items()} == {task: hf[task]["value"] for task in hf}
 
 
 def test_distillation_trains_and_checkpoint_is_chosen_by_step(nemo_run_dir):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -239,3 +240,17 @@ def quantized_tiny_llama():
     model = mtq.quantize(model, copy.deepcopy(mtq.NVFP4_DEFAULT_CFG), lambda m: m(input_ids=ids))
     share_fused_scales(model)
     return model, ids
+
+
+class LogitsOnly(torch.nn.Module):
+    """A model called as the nemo backend's ScoredModel is: logits from a forward, no config, no generate(). It
+    keeps the longest input it was given."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+        self.longest = 0
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> SimpleNamespace:
+        self.longest = max(self.longest, input_ids.shape[1])
+        return SimpleNamespace(logits=self.inner(input_ids=input_ids, attention_mask=attention_mask).logits)

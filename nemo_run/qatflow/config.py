@@ -132,7 +132,7 @@ class EvalConfig:
     max_new_tokens: int = 48
     # Task accuracy through lm-evaluation-harness (qatflow.task_accuracy): lm-eval task names or paths to task YAML
     # files. The default: the two shipped tasks over real chitchat conversations (nemo_run/qatflow/eval_tasks/),
-    # which need no network. [] turns task accuracy off. hf backend only.
+    # which need no network. [] turns task accuracy off.
     tasks: List[str] = field(default_factory=lambda: ["chitchat_next_turn", "chitchat_quote"])
     task_limit: Optional[int] = None  # examples scored per task; None: all
 

@@ -189,8 +189,7 @@ class EvalResult(Scores):
     """06_eval_bf16, 07_eval_ptq, 08_eval_trained."""
     model_stage: str  # the stage whose model was scored
     text: Optional[TextScores] = optional()  # eval.text_max_tokens > 0
-    generations: Optional[Generations] = optional()  # eval.generation_prompts > 0 and the backend generates
-    generations_skipped: Optional[str] = optional()  # why not, where the backend cannot generate
+    generations: Optional[Generations] = optional()  # eval.generation_prompts > 0
     # eval.tasks: each task's TaskAccuracy as a mapping, by task name; absent where no task ran.
     tasks: Optional[dict[str, dict[str, Any]]] = optional()
 

@@ -73,13 +73,9 @@ def text_and_answers(ctx: StageContext, backend, model, tokenizer, reference, dt
 
 
 def generate_answers(ctx: StageContext, backend, model, tokenizer, device: torch.device, dtype: torch.dtype) -> dict:
-    """The model's greedy answers to the first eval.generation_prompts held-out user turns, or why there are
-    none: the nemo backend's scoring model computes logits only."""
+    """The model's greedy answers to the first eval.generation_prompts held-out user turns (the nemo backend's
+    scoring model, which computes logits only, by a full forward per token)."""
     config = ctx.config
-    if not hasattr(model, "generate"):
-        reason = f"the {config.run.backend} backend's scoring model has no generate()"
-        ctx.log(f"no generations: {reason}")
-        return {"generations_skipped": reason}
     items = generation.prompts(tokenizer, read_split(ctx.inputs["00_data"], "validation"),
                                config.eval.generation_prompts)
     answers = generation.generate(model, tokenizer, items, config.eval.max_new_tokens, device, dtype, log=ctx.log)
@@ -88,17 +84,10 @@ def generate_answers(ctx: StageContext, backend, model, tokenizer, device: torch
 
 
 def task_scores(ctx: StageContext, backend, model, tokenizer, dtype: torch.dtype) -> dict:
-    """eval.tasks through lm-eval on the model in memory, computed as the perplexity harness computes it. The nemo
-    backend's scoring model is a Megatron one, which lm-eval's Hugging Face model cannot drive: no tasks there (its
-    export, a transformers model, is scored by 05_verify)."""
-    from transformers import PreTrainedModel
-
+    """eval.tasks through lm-eval on the model in memory, computed as the perplexity harness computes it (the nemo
+    backend's Megatron model through its logits alone: task_accuracy.LogitsLM)."""
     config = ctx.config
     if not config.eval.tasks:
-        return {}
-    if not isinstance(model, PreTrainedModel):
-        ctx.log(f"eval.tasks: task accuracy runs on transformers models; skipped on the {config.run.backend} "
-                f"backend's scoring model")
         return {}
     with backend.scoring_forwards(model):
         return run_tasks(model, tokenizer, config.eval.tasks, config.eval.task_limit, config.eval.batch_size,

@@ -181,9 +181,7 @@ def run(ctx: StageContext) -> ReportResult:
         "",
         *text_section([*((labels[stage], evals[stage].text) for stage in labels), (export_label, verify.served_text)]),
         *generation_section([*((labels[stage], evals[stage].generations) for stage in labels),
-                             (export_label, verify.served_generations)],
-                            next((result.generations_skipped for result in evals.values()
-                                  if result.generations_skipped), None)),
+                             (export_label, verify.served_generations)]),
         "![training loss](loss.png)",
         "",
         "![BF16, PTQ and trained side by side](comparison.png)",

@@ -65,12 +65,12 @@ def _cell(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + " …"
 
 
-def generation_section(rows: list[tuple[str, Generations | None]], skipped: str | None) -> list[str]:
+def generation_section(rows: list[tuple[str, Generations | None]]) -> list[str]:
     """Each prompt with every model's greedy answer, then per model the mean length and the share that hit the
-    limit without an end-of-turn token; `skipped`: why the evaluation stages generated nothing."""
+    limit without an end-of-turn token."""
     generated = [(label, generations) for label, generations in rows if generations is not None]
     if not generated:
-        return ["## Generations", "", f"No generations: {skipped}.", ""] if skipped else []
+        return []
     limit = generated[0][1].max_new_tokens
     lines = ["## Generations", "",
              f"Greedy answers, at most {limit} new tokens, to the first user turn of held-out conversations (the "
