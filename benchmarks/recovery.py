@@ -128,6 +128,7 @@ def main() -> int:
         runs = [(method, ["train.method=" + method]) for method in args.methods]
     first: Path | None = None
     lines, served_lines = [], []
+    lines_experiments: list[tuple[str, Path]] = []
     for label, settings in runs:
         for steps in args.steps:
             sets = [arg for item in [*settings, f"train.steps={steps}"] for arg in ("--set", item)]
@@ -148,6 +149,7 @@ def main() -> int:
                 lines.append(ptq_row(f"NVFP4 PTQ {label}", own_ptq))
             lines.append(row(name, first, experiment))
             served_lines.append((name, metrics(experiment, "05_verify")))
+            lines_experiments.append((name, experiment))
             print(f"finished {label} {steps} steps in {time.time() - started:.0f} s\n{lines[-1]}", flush=True)
     assert first is not None
     print("\n| model | training tokens | ppl (assistant) | ppl (all) | KL (assistant) | KL (all) | "
@@ -168,7 +170,34 @@ def main() -> int:
         print("| NVFP4 PTQ | " + " | ".join(cells) + " |")
     for name, verify in served_lines:
         print(served_row(name, ptq, verify))
+    print_task_table(first, lines_experiments)
     return 0
+
+
+def task_cell(score: dict | None) -> str:
+    if score is None:
+        return "n/a"
+    stderr = f" ± {score['stderr']:.3f}" if score.get("stderr") is not None else ""
+    return f"{score['value']:.3f}{stderr}"
+
+
+def print_task_table(first: Path, runs: list[tuple[str, Path]]) -> None:
+    """eval.tasks (lm-eval) per model: full precision and PTQ as their evaluation stages computed them; per run its
+    student as trained (08_eval_trained) and its export as served (05_verify)."""
+    rows = [("full precision", metrics(first, "06_eval_bf16").get("tasks")),
+            ("NVFP4 PTQ", metrics(first, "07_eval_ptq").get("tasks"))]
+    for name, experiment in runs:
+        rows += [(f"{name} student", metrics(experiment, "08_eval_trained").get("tasks")),
+                 (f"{name} export as served", metrics(experiment, "05_verify").get("served_tasks"))]
+    tasks = list(dict.fromkeys(task for _, scores in rows for task in (scores or {})))
+    if not tasks:
+        return
+    examples = {task: next(s[task]["examples"] for _, s in rows if s and task in s) for task in tasks}
+    print("\nTask accuracy (lm-evaluation-harness; ± standard error)\n")
+    print("| model | " + " | ".join(f"{task} ({examples[task]} examples)" for task in tasks) + " |")
+    print("|---|" + "---|" * len(tasks))
+    for name, scores in rows:
+        print(f"| {name} | " + " | ".join(task_cell((scores or {}).get(task)) for task in tasks) + " |")
 
 
 if __name__ == "__main__":
