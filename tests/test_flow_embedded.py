@@ -37,6 +37,16 @@ def test_embedded_default_qad(tmp_path):
     report = (experiment / "09_report" / "report.md").read_text()
     for row in ("| BF16 / full precision |", "| NVFP4 PTQ |", "| NVFP4 QAD |", "KL(student ‖ export)"):
         assert row in report
+    # What a user decides on, for all four models: task accuracy ± standard error (the shipped offline tasks through
+    # lm-eval), the out-of-domain text and greedy answers, the export as served included.
+    models = ("BF16 / full precision", "NVFP4 PTQ", "NVFP4 QAD student", "export as served (bfloat16 W4A4)")
+    sections = dict(part.split("\n", 1) for part in report.split("\n## ")[1:])
+    for title in ("Task accuracy", "Out-of-domain text", "Generations"):
+        assert all(f"| {model} |" in sections[title] for model in models), (title, sections[title][:2000])
+    assert sections["Task accuracy"].count(" ± ") >= 2 * len(models) and "(acc, n=10)" in sections["Task accuracy"]
+    served = metrics["05_verify"]
+    assert set(served["served_tasks"]) == {"chitchat_next_turn", "chitchat_quote"}
+    assert served["served_text"]["kl"] > 0 and len(served["served_generations"]["answers"]) == 2
     assert f"report:           {experiment / '09_report' / 'report.md'}" in result.stdout
     print(f"embedded default QAD flow: {elapsed:.0f} s")
 

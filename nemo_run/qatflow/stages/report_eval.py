@@ -3,7 +3,7 @@ and the export as served), the out-of-domain text, and the models' greedy answer
 
 from __future__ import annotations
 
-from qatflow.stage_results import EvalResult, Generations, Quality, TextScores
+from qatflow.stage_results import EvalResult, Generations, Quality, TaskAccuracy, TextScores
 
 
 def ppl_change(closed: float | None, full: float, ptq: float, trained: float) -> str:
@@ -21,26 +21,38 @@ def _kl_share(kl: float, ptq_kl: float) -> str:
 
 
 def headline(labels: dict[str, str], evals: dict[str, EvalResult], served: Quality | None,
-             served_how: str | None, served_text: TextScores | None = None) -> list[str]:
-    """KL to full precision (assistant tokens) of the trained student and the export as served, beside PTQ's."""
+             served_how: str | None, served_text: TextScores | None = None,
+             served_tasks: dict[str, TaskAccuracy] | None = None) -> list[str]:
+    """KL to full precision (assistant tokens) and task accuracy of the trained student and the export as served,
+    beside PTQ's and the full-precision model's."""
     full, ptq, trained = evals["06_eval_bf16"], evals["07_eval_ptq"], evals["08_eval_trained"]
-    rows = [(labels["07_eval_ptq"], ptq, ptq.text), (labels["08_eval_trained"], trained, trained.text)]
+    rows = [(labels["06_eval_bf16"], full, full.text, full.task_accuracy()),
+            (labels["07_eval_ptq"], ptq, ptq.text, ptq.task_accuracy()),
+            (labels["08_eval_trained"], trained, trained.text, trained.task_accuracy())]
     if served is not None:
-        rows.append((f"export as served ({served_how})", served, served_text))
+        rows.append((f"export as served ({served_how})", served, served_text, served_tasks or {}))
+    tasks = list(dict.fromkeys(task for *_, scores in rows for task in scores))
     lines = ["## Headline", "",
-             "| model | KL to full precision (assistant) | ppl (assistant) | out-of-domain KL | out-of-domain ppl |",
-             "|---|---|---|---|---|"]
-    full_text = f"{full.text.ppl:.3f}" if full.text else "n/a"
-    lines.append(f"| {labels['06_eval_bf16']} | 0 | {full.ppl_assistant:.3f} | 0 | {full_text} |")
-    for label, quality, text in rows:
+             ("| model | KL to full precision (assistant) | ppl (assistant) | out-of-domain KL | out-of-domain ppl | "
+              + "".join(f"{task} | " for task in tasks)).rstrip(),
+             "|---|---|---|---|---|" + "---|" * len(tasks)]
+    for label, quality, text, scores in rows:
         ood = f"{text.kl:.4g} | {text.ppl:.3f}" if text is not None else "not scored | not scored"
-        lines.append(f"| {label} | {quality.kl_assistant:.4g} | {quality.ppl_assistant:.3f} | {ood} |")
+        cells = "".join(f"{_accuracy(scores.get(task))} | " for task in tasks)
+        lines.append(f"| {label} | {quality.kl_assistant:.4g} | {quality.ppl_assistant:.3f} | {ood} | {cells}".rstrip())
     best = served if served is not None else trained
     which = "the export as served" if served is not None else "the trained student"
     lines += ["", f"KL to full precision on held-out assistant tokens: {which} {best.kl_assistant:.4g} nats/token, "
                   f"{_kl_share(best.kl_assistant, ptq.kl_assistant)} ({ptq.kl_assistant:.4g}); lower is closer to "
-                  f"the full-precision model.", ""]
+                  f"the full-precision model."
+                  + (" Tasks: accuracy ± standard error (Task accuracy, below)." if tasks else ""), ""]
     return lines
+
+
+def _accuracy(score: TaskAccuracy | None) -> str:
+    if score is None:
+        return "n/a"
+    return f"{score.value:.3f}" + (f" ± {score.stderr:.3f}" if score.stderr is not None else "")
 
 
 def text_section(rows: list[tuple[str, TextScores | None]]) -> list[str]:

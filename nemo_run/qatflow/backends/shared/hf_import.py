@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from qatflow import paths
@@ -20,6 +22,29 @@ def _fix_gguf_tokenizer(tokenizer) -> None:
         tokenizer.add_bos_token = False  # the chat template writes every special token itself
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+
+
+@contextlib.contextmanager
+def gguf_parsed_once() -> Iterator[None]:
+    """transformers reads a GGUF file's metadata anew for the config, the tokenizer and the weights, each a full
+    parse of its fields (about 5 s for the embedded 135M model on 2 CPU cores); within this block each file is
+    parsed once and its reader shared (it only reads the file)."""
+    import gguf
+
+    original = gguf.GGUFReader
+    readers: dict[tuple[str, str], object] = {}
+
+    def reader(path, mode: str = "r"):
+        key = (str(path), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = reader  # transformers imports it from the module at each load
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
 
 
 def tokenizer_load_kwargs(config, model_kwargs: dict) -> dict:
@@ -49,10 +74,11 @@ def import_model(ctx: StageContext) -> dict:
         ctx.log(f"dequantizing GGUF {gguf_path.name}")
     ctx.log(f"loading {source}" + (f" at revision {config.model.revision}" if config.model.revision else "")
             + f" as {config.model.dtype}")
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **load_kwargs)
-    tokenizer_source = config.model.hf_tokenizer or source
-    tokenizer_kwargs = tokenizer_load_kwargs(config, load_kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, **tokenizer_kwargs)
+    with gguf_parsed_once() if is_gguf else contextlib.nullcontext():
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **load_kwargs)
+        tokenizer_source = config.model.hf_tokenizer or source
+        tokenizer_kwargs = tokenizer_load_kwargs(config, load_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, **tokenizer_kwargs)
     apply_template_override(tokenizer, config.model.chat_template)
     if is_gguf:
         _fix_gguf_tokenizer(tokenizer)
