@@ -14,7 +14,8 @@ if [[ "${1:-}" == "--keep-torch" ]]; then
 fi
 
 # pip's own settings on this machine (pip.conf, PIP_* variables): uv does not read them, so they are passed on.
-pip_setting() { "$PY" -m pip config list 2>/dev/null | sed -n "s/^[^.]*\.$1='\(.*\)'$/\1/p" | tail -1; }
+pip_config=$("$PY" -m pip config list 2>/dev/null || true)
+pip_setting() { sed -n "s/^[^.]*\.$1='\(.*\)'$/\1/p" <<< "$pip_config" | tail -1; }
 
 installer=(pip install -q)
 if [[ "${QATFLOW_INSTALLER:-uv}" == uv ]] && "$PY" -m pip install -q uv; then

@@ -58,8 +58,6 @@ STAGE_NAMES = tuple(BY_NAME)
 # Settings that change how a stage runs or what it prints, not its result: changing them reruns nothing.
 NOT_INPUTS = frozenset({"train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                         "train.activation_checkpointing", "train.fsdp_gather_once_per_step"})
-# Settings of a section that one stage reads, but whose value its result does not depend on.
-NOT_INPUTS_OF: dict[str, frozenset[str]] = {}
 # The nemo section's settings that change a stage's result, by stage (the hf backend reads none of them). The rest
 # decide where and how fast it runs (parallelism, asynchronous saves, the distributed optimizer) or are labels.
 NEMO_INPUTS = {
@@ -95,8 +93,7 @@ def stage_settings(config: FlowConfig, stage: str) -> dict:
         for part in section.split("."):
             value = value[part]
         if isinstance(value, dict):
-            ignored = NOT_INPUTS | NOT_INPUTS_OF.get(stage, frozenset())
-            value = {key: item for key, item in value.items() if f"{section}.{key}" not in ignored}
+            value = {key: item for key, item in value.items() if f"{section}.{key}" not in NOT_INPUTS}
         picked[section] = value
     if config.run.backend == "nemo" and stage in NEMO_INPUTS:
         picked["nemo"] = {key: tree["nemo"][key] for key in NEMO_INPUTS[stage]}

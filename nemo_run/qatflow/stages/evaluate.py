@@ -45,7 +45,7 @@ def run(ctx: StageContext) -> EvalResult:
         metrics = score_held_out(ctx, backend, model, tokenizer, reference)
         ctx.log(f"ppl assistant {metrics['ppl_assistant']:.3f} all {metrics['ppl_all']:.3f} "
                 f"KL assistant {metrics['kl_assistant']:.4f} all {metrics['kl_all']:.4f}")
-    extra = text_and_answers(ctx, backend, model, tokenizer, reference, dtype)
+        extra = text_and_answers(ctx, backend, model, tokenizer, reference, dtype)
     del reference  # the tasks score the model alone: the reference's memory goes back first
     tasks = task_scores(ctx, backend, model, tokenizer, dtype)
     if tasks:
@@ -55,20 +55,19 @@ def run(ctx: StageContext) -> EvalResult:
 
 def text_and_answers(ctx: StageContext, backend, model, tokenizer, reference, dtype: torch.dtype) -> dict:
     """What the evaluation measures of `model` besides the held-out conversations and the tasks: perplexity and KL
-    to `reference` on the out-of-domain text (eval.text_max_tokens), and greedy answers (eval.generation_prompts).
-    05_verify measures the export as served with it too."""
+    to `reference` on the out-of-domain text (eval.text_max_tokens), and greedy answers (eval.generation_prompts),
+    inside the caller's backend.scoring_forwards. 05_verify measures the export as served with it too."""
     config = ctx.config
     device = backend.device_of(config)
     found: dict = {}
-    with backend.scoring_forwards(model, *([reference] if reference is not None else [])):
-        if config.eval.text_max_tokens:
-            found["text"] = score_text(model, tokenizer, config.eval.text_path, config.eval.seq_len,
-                                       config.eval.text_max_tokens, config.eval.batch_size, device, dtype,
-                                       reference=reference, log=ctx.log)
-            ctx.log(f"out-of-domain text ({found['text']['source']}): ppl {found['text']['ppl']:.3f} "
-                    f"KL {found['text']['kl']:.4f} on {found['text']['tokens']} tokens")
-        if config.eval.generation_prompts:
-            found.update(generate_answers(ctx, backend, model, tokenizer, device, dtype))
+    if config.eval.text_max_tokens:
+        found["text"] = score_text(model, tokenizer, config.eval.text_path, config.eval.seq_len,
+                                   config.eval.text_max_tokens, config.eval.batch_size, device, dtype,
+                                   reference=reference, log=ctx.log)
+        ctx.log(f"out-of-domain text ({found['text']['source']}): ppl {found['text']['ppl']:.3f} "
+                f"KL {found['text']['kl']:.4f} on {found['text']['tokens']} tokens")
+    if config.eval.generation_prompts:
+        found.update(generate_answers(ctx, backend, model, tokenizer, device, dtype))
     return found
 
 

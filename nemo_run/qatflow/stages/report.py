@@ -147,8 +147,7 @@ def run(ctx: StageContext) -> ReportResult:
     lines = [
         f"# qatflow report: {config.run.experiment}",
         "",
-        *headline(labels, evals, served, verify.served if served is not None else None, verify.served_text,
-                  verify.served_task_accuracy()),
+        *headline(labels, evals, served, export_label, verify.served_text, verify.served_task_accuracy()),
         "## Setup",
         "",
         f"- model: `{config.model.name}`{revision} (recipe `{config.recipe}`, backend {config.run.backend})",

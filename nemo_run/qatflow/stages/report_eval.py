@@ -21,7 +21,7 @@ def _kl_share(kl: float, ptq_kl: float) -> str:
 
 
 def headline(labels: dict[str, str], evals: dict[str, EvalResult], served: Quality | None,
-             served_how: str | None, served_text: TextScores | None = None,
+             served_label: str, served_text: TextScores | None = None,
              served_tasks: dict[str, TaskAccuracy] | None = None) -> list[str]:
     """KL to full precision (assistant tokens) and task accuracy of the trained student and the export as served,
     beside PTQ's and the full-precision model's."""
@@ -30,7 +30,7 @@ def headline(labels: dict[str, str], evals: dict[str, EvalResult], served: Quali
             (labels["07_eval_ptq"], ptq, ptq.text, ptq.task_accuracy()),
             (labels["08_eval_trained"], trained, trained.text, trained.task_accuracy())]
     if served is not None:
-        rows.append((f"export as served ({served_how})", served, served_text, served_tasks or {}))
+        rows.append((served_label, served, served_text, served_tasks or {}))
     tasks = list(dict.fromkeys(task for *_, scores in rows for task in scores))
     lines = ["## Headline", "",
              ("| model | KL to full precision (assistant) | ppl (assistant) | out-of-domain KL | out-of-domain ppl | "

@@ -235,7 +235,8 @@ def _served_beyond_held_out(ctx: StageContext, served_model, tokenizer, full) ->
     backend = get_backend(ctx.config.run.backend)
     device = backend.device_of(ctx.config)
     with fp32_accumulating_linears(device):
-        found = text_and_answers(ctx, backend, served_model, tokenizer, full, torch.float32)
+        with backend.scoring_forwards(served_model, full):
+            found = text_and_answers(ctx, backend, served_model, tokenizer, full, torch.float32)
         tasks = task_scores(ctx, backend, served_model, tokenizer, torch.float32)
     found["tasks"] = tasks
     return {f"served_{key}": found[key] for key in ("text", "generations", "tasks") if found.get(key)}
