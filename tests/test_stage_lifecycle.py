@@ -255,3 +255,35 @@ def test_an_attempt_refuses_a_held_lock_and_takes_a_dead_holders(tiny_recipe, tm
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert lifecycle.holder(config.experiment_dir, "00_data") is None
     lifecycle.acquire(config.experiment_dir, "00_data").release()
+
+
+def test_a_library_logger_set_up_in_one_in_process_stage_prints_into_the_next_stage_and_after_the_run(tmp_path, capsys):
+    """nemo_run's direct mode copies a stage's output into its log and closes that copy when the stage ends; a
+    library that set up its logging during the stage (transformers does) writes to the current stream from then on:
+    into the next stage's log, and to the terminal after the run, with no logging error."""
+    import logging
+
+    from nemo_run.run.utils import TeeStdoutStderr
+
+    from qatflow.graph import log_handlers_follow_current_streams
+
+    library = logging.getLogger("qatflow_tests.a_library")
+    library.propagate = False
+    try:
+        with TeeStdoutStderr(str(tmp_path / "stage_a.log")):
+            stage_streams = {id(sys.stdout): "stdout", id(sys.stderr): "stderr"}
+            handler = logging.StreamHandler()  # sys.stderr now: stage a's copy
+            handler.flush = sys.stderr.flush  # as transformers sets up its handler
+            library.addHandler(handler)
+            library.warning("during stage a")
+            log_handlers_follow_current_streams(stage_streams)
+        with TeeStdoutStderr(str(tmp_path / "stage_b.log")):
+            library.warning("during stage b")
+        library.warning("after the run")
+    finally:
+        library.handlers.clear()
+    printed = capsys.readouterr().err
+    assert "Logging error" not in printed
+    assert printed.splitlines() == ["during stage a", "during stage b", "after the run"]
+    assert (tmp_path / "stage_a.log").read_text() == "during stage a\n"
+    assert (tmp_path / "stage_b.log").read_text() == "during stage b\n"

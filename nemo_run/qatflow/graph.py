@@ -7,6 +7,7 @@ and runs the graph; this module imports none of them.
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import shutil
 import sys
@@ -185,6 +186,7 @@ def run_stage_in_process(stage: str, config_yaml: str, checks: list[str] | None 
 
     for name, value in JOB_ENV.items():  # what a stage process gets
         os.environ.setdefault(name, value)
+    stage_streams = {id(sys.stdout): "stdout", id(sys.stderr): "stderr"}  # nemo_run's copies into the stage's log
     try:
         with lifecycle.running_here(stage):
             if checks:
@@ -195,10 +197,40 @@ def run_stage_in_process(stage: str, config_yaml: str, checks: list[str] | None 
         traceback.print_exc()
         raise
     finally:
+        log_handlers_follow_current_streams(stage_streams)
         gc.collect()
         torch = sys.modules.get("torch")
         if torch is not None and torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+class CurrentStream:
+    """Writes to whichever sys.stdout or sys.stderr is current when it writes."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def write(self, text: str) -> int:
+        return getattr(sys, self.name).write(text)
+
+    def flush(self) -> None:
+        getattr(sys, self.name).flush()
+
+
+def log_handlers_follow_current_streams(stage_streams: dict[int, str]) -> None:
+    """A library that set up its logging during a stage (transformers does, on first use) holds that stage's copy of
+    stdout or stderr, which nemo_run closes when the stage ends: its later messages would fail to print. Its
+    handlers write to the current stream instead, so the next stage's log gets them."""
+    loggers = [logging.getLogger(), *(logger for logger in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(logger, logging.Logger))]
+    for logger in loggers:
+        for handler in logger.handlers:
+            stream = vars(handler).get("stream")  # not logging's last resort, which follows sys.stderr already
+            if isinstance(handler, logging.StreamHandler) and id(stream) in stage_streams:
+                current = CurrentStream(stage_streams[id(stream)])
+                handler.setStream(current)
+                if getattr(vars(handler).get("flush"), "__self__", None) is stream:
+                    handler.flush = current.flush  # transformers binds its handler's flush to the stream itself
 
 
 def open_experiment(config: FlowConfig):
