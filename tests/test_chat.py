@@ -114,6 +114,34 @@ def test_truncation(tokenizer) -> None:
     assert short.input_ids == full.input_ids[:10] and short.loss_mask == full.loss_mask[:10]
 
 
+def test_truncation_at_every_length_matches_the_whole_conversation_cut(tokenizer) -> None:
+    for messages in [*_conversations()[:2], TOOL_CONVERSATION]:
+        full = tokenize_conversation(tokenizer, messages, max_len=100_000)
+        # Cuts just before, at and after the first starts and ends of replies, and at both ends.
+        edges = [index for index in range(1, len(full.loss_mask)) if full.loss_mask[index] != full.loss_mask[index - 1]][:6]
+        lengths = {1, len(full.input_ids), len(full.input_ids) + 1} | {edge + shift for edge in edges for shift in (-1, 0, 1)}
+        for max_len in sorted(length for length in lengths if length > 0):
+            cut = tokenize_conversation(tokenizer, messages, max_len=max_len)
+            assert (cut.input_ids, cut.loss_mask, cut.full_length) == \
+                (full.input_ids[:max_len], full.loss_mask[:max_len], full.full_length)
+
+
+def test_a_truncated_conversation_is_located_through_its_kept_turns_only(tokenizer) -> None:
+    """Locating assistant turns renders the conversation up to each of them: a long conversation cut to its first
+    tokens renders only the turns that reach them. This template renders a chat of more than 4 messages with a
+    footer, so the prefix through the second reply (5 messages) is not the start of the whole conversation."""
+    tokenizer.chat_template = CHATML_TEMPLATE + "{% if messages|length > 4 %}{{ 'footer' }}{% endif %}"
+    messages = TOOL_CONVERSATION + [{"role": "user", "content": "And 3 + 4?"},
+                                    {"role": "assistant", "content": "It is 7."}]
+    full_text = tokenizer.apply_chat_template(messages, tokenize=False)
+    first_reply_end = full_text.index("Let me add them.<|im_end|>") + len("Let me add them.<|im_end|>")
+    kept = len(tokenizer(full_text[:first_reply_end], add_special_tokens=False)["input_ids"])
+    item = tokenize_conversation(tokenizer, messages, max_len=kept)
+    assert _supervised_runs(tokenizer, item) == ["Let me add them.<|im_end|>"]
+    with pytest.raises(ChatTemplateError, match="assistant turn 4 renders differently"):
+        tokenize_conversation(tokenizer, messages, max_len=kept + 8)
+
+
 def test_mask_share_checks(tokenizer) -> None:
     items = [tokenize_conversation(tokenizer, messages, max_len=100_000) for messages in _conversations()]
     stats = mask_statistics(items)

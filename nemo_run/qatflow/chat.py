@@ -89,9 +89,11 @@ def _render(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = 
                                 f"model.chat_template (--chat-template)") from None
 
 
-def assistant_spans(tokenizer: Any, messages: list[dict], full: str,
-                    tools: list[dict] | None = None) -> list[tuple[int, int]]:
-    """Character spans of the assistant turns in `full`, found by rendering prefixes of the conversation."""
+def assistant_spans(tokenizer: Any, messages: list[dict], full: str, tools: list[dict] | None = None,
+                    until: int | None = None) -> list[tuple[int, int]]:
+    """Character spans of the assistant turns in `full`, found by rendering prefixes of the conversation; with
+    `until`, those that start before that character (rendering each prefix costs the length of the conversation up
+    to it: a long conversation truncated to its first tokens needs only its first turns rendered)."""
     spans = []
     for index, message in enumerate(messages):
         # A leading assistant turn has no prompt to condition on (and many templates cannot render an
@@ -108,6 +110,8 @@ def assistant_spans(tokenizer: Any, messages: list[dict], full: str,
         # Whitespace after the end-of-turn token is template layout the model never has to produce.
         end = max(len(through.rstrip()), len(prefix))
         spans.append((len(prefix), end))
+        if until is not None and len(through) >= until:
+            break  # the next turn's span starts after `through`
     return spans
 
 
@@ -155,17 +159,20 @@ def tokenize_conversation(tokenizer: Any, messages: list[dict], max_len: int,
     if not getattr(tokenizer, "is_fast", False):
         raise ChatTemplateError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} is not a fast (Rust) "
                                 f"tokenizer; the loss mask needs character offsets, so load it with use_fast=True")
-    if GENERATION_TAG.search(_template_text(tokenizer)):
+    tagged = GENERATION_TAG.search(_template_text(tokenizer))
+    if tagged:
         full, spans = generation_spans(tokenizer, messages, tools)
     else:
         full = _render(tokenizer, messages, tools=tools)
-        spans = assistant_spans(tokenizer, messages, full, tools=tools)
     # The template already carries the special tokens; the tokenizer must not add its own.
     # verbose=False: over-long conversations are truncated below, so the length warning is noise.
     encoded = tokenizer(full, return_offsets_mapping=True, add_special_tokens=False, verbose=False)
     input_ids = list(encoded["input_ids"])
-    loss_mask = _mask_from_spans([tuple(o) for o in encoded["offset_mapping"]], spans)
-    return TokenizedConversation(input_ids=input_ids[:max_len], loss_mask=loss_mask[:max_len],
+    offsets = [tuple(offset) for offset in encoded["offset_mapping"][:max_len]]
+    if not tagged:  # the kept tokens end at the last one's last character: later turns are not rendered
+        kept_end = max((end for _, end in offsets), default=0) if len(input_ids) > max_len else len(full)
+        spans = assistant_spans(tokenizer, messages, full, tools=tools, until=kept_end)
+    return TokenizedConversation(input_ids=input_ids[:max_len], loss_mask=_mask_from_spans(offsets, spans),
                                  full_length=len(input_ids))
 
 

@@ -46,6 +46,7 @@ E4M3_MAX = 448.0  # largest float8_e4m3fn magnitude
 _MIN_BLOCK_SCALE = 1e-5
 # The Triton kernel's stand-in for a zero global scale inside the division.
 _ZERO_GLOBAL_SCALE = 1e-12
+_FLOAT32_EXPONENT = 0x7F800000  # the exponent field of a float32's bits
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # (num_bits, exponent_bits, scale_num_bits, scale_exponent_bits) as ModelOpt passes them.
@@ -77,15 +78,19 @@ def nearest_float_where(value: torch.Tensor, accept: Callable[[torch.Tensor], bo
     return next((candidate for candidate in candidates if accept(candidate)), None)
 
 
-def _round_to_e2m1(q: torch.Tensor) -> torch.Tensor:
-    """Round non-negative float32 magnitudes half-to-even onto the E2M1 grid.
+def _round_to_e2m1_(q: torch.Tensor) -> torch.Tensor:
+    """Round non-negative float32 magnitudes half-to-even onto the E2M1 grid, in place.
 
-    E2M1 is a float format whose spacing is 0.5 on [0, 2), 1 on [2, 4) and 2 on [4, 6],
-    so rounding ``q / step`` to the nearest even integer (``torch.round``) is exact RNE;
-    dividing and multiplying by a power of two introduces no error.
+    E2M1 is a float format whose spacing (step) is 0.5 on [0, 2), 1 on [2, 4) and 2 on [4, 6]:
+    the step is half the power of two at or below ``q`` clamped to [1, 4], which is that
+    float32's bits with the mantissa cleared. ``q + 2**23 * step`` lies where float32's
+    spacing is exactly ``step``, so the addition rounds ``q`` half-to-even to a multiple of
+    the step (``2**23`` being even) and subtracting ``2**23 * step`` again is exact. On CPU
+    this is about ten times faster than selecting the step with ``torch.where``.
     """
-    step = torch.where(q < 2.0, 0.5, torch.where(q < 4.0, 1.0, 2.0))
-    return torch.clamp(torch.round(q / step) * step, max=E2M1_MAX)
+    # 2**23 * step = 2**22 * 2**floor(log2(clamp(q, 1, 4))): 22 more in the exponent field.
+    magic = q.clamp(1.0, 4.0).view(torch.int32).bitwise_and_(_FLOAT32_EXPONENT).add_(22 << 23).view(torch.float32)
+    return q.add_(magic).sub_(magic).clamp_(max=E2M1_MAX)
 
 
 def fake_quant_nvfp4(
@@ -147,7 +152,8 @@ def fake_quant_nvfp4(
     scale = block_scale.to(torch.float8_e4m3fn).float() * global_scale
     scale = torch.where(scale >= _MIN_BLOCK_SCALE, scale, 1.0)
 
-    deq = torch.copysign(_round_to_e2m1(x_abs / scale) * scale, x)
+    # x_abs is not read again: it becomes the scaled and rounded magnitudes in place.
+    deq = _round_to_e2m1_(x_abs.div_(scale)).mul_(scale).copysign_(x)
     deq = deq.reshape(deq.shape[0], -1)
     if pad:
         deq = deq[:, :cols]

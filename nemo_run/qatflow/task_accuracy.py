@@ -196,14 +196,22 @@ class LogitsLM(TemplateLM):
 
 @contextlib.contextmanager
 def _quiet_lm_eval():
-    """lm-eval logs every request batch at INFO; the stage's log keeps the results."""
+    """lm-eval logs every request batch at INFO; the stage's log keeps the results. Its results also get a report
+    of the environment (torch's collect_env: pip and driver queries, 1.5 s on 2 CPU cores) and the git commit of
+    the working directory (which prints an error outside a repository): the flow reads neither, so both are left
+    out."""
+    from lm_eval import evaluator
+
     logger = logging.getLogger("lm_eval")
     level = logger.level
+    add_env_info, git_hash = evaluator.add_env_info, evaluator.get_git_commit_hash
     logger.setLevel(logging.WARNING)
+    evaluator.add_env_info, evaluator.get_git_commit_hash = (lambda storage: None), (lambda: None)
     try:
         yield
     finally:
         logger.setLevel(level)
+        evaluator.add_env_info, evaluator.get_git_commit_hash = add_env_info, git_hash
 
 
 @torch.no_grad()
