@@ -50,7 +50,9 @@ def main(argv: list[str]) -> int:
             metrics = score(exported, items, config.eval.batch_size, tokenizer.pad_token_id, device, dtype,
                             reference=student, log=lambda message: None)
             print(f"{precision:<20} {compute:<22} {metrics['kl_assistant']:10.2e} {metrics['kl_all']:10.2e}")
-    compare_weights(students[runtime.SCORING_PRECISION], exported, export_dir)
+    # Rows compare at 1e-6 of a layer's largest weight: the export dequantized in fp32, not rounded to bf16 as served.
+    compare_weights(students[runtime.SCORING_PRECISION], load_exported_model(export_dir, device, torch.float32)[0],
+                    export_dir)
     # The floor: the same export computed by two attention implementations of one library, in fp32.
     eager, _ = load_exported_model(export_dir, device)
     eager.set_attn_implementation("eager")

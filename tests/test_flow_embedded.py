@@ -43,10 +43,10 @@ def test_embedded_default_qad(tmp_path):
     sections = dict(part.split("\n", 1) for part in report.split("\n## ")[1:])
     for title in ("Task accuracy", "Out-of-domain text", "Generations"):
         assert all(f"| {model} |" in sections[title] for model in models), (title, sections[title][:2000])
-    assert sections["Task accuracy"].count(" ± ") >= 2 * len(models) and "(acc, n=10)" in sections["Task accuracy"]
+    assert sections["Task accuracy"].count(" ± ") >= 2 * len(models) and "(acc, n=6)" in sections["Task accuracy"]
     served = metrics["05_verify"]
     assert set(served["served_tasks"]) == {"chitchat_next_turn", "chitchat_quote"}
-    assert served["served_text"]["kl"] > 0 and len(served["served_generations"]["answers"]) == 2
+    assert served["served_text"]["kl"] > 0 and len(served["served_generations"]["answers"]) == 1
     assert f"report:           {experiment / '09_report' / 'report.md'}" in result.stdout
     print(f"embedded default QAD flow: {elapsed:.0f} s")
 
