@@ -89,3 +89,14 @@ def processes_mentioning(text: str) -> list[str]:
         if text in cmdline:
             found.append(f"{proc.name}: {cmdline[:200]}")
     return found
+
+
+# Test files by their time on 2 CPU cores, longest first (measured with --durations): with -n 2 each process takes
+# the next file when it is free, so the long ones start early instead of running alone at the end.
+LONGEST_FIRST = ("test_slurm.py", "test_nemo_backend_cpu.py", "test_architectures.py", "test_stage_lifecycle.py",
+                 "test_docker_executor.py", "test_flow_embedded.py", "test_hf_fsdp.py", "test_flow_tiny.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: place for place, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
