@@ -20,7 +20,7 @@ from pathlib import Path
 import invoke
 import pytest
 import yaml
-from conftest import ENTRY, REPO, processes_mentioning, run_flow
+from conftest import ENTRY, REPO, mark_stages_done, processes_mentioning, run_flow
 
 from qatflow import cli, lifecycle
 from qatflow.config import ConfigError
@@ -439,20 +439,6 @@ def test_cancel_stops_a_submitted_experiment(cluster_env, tiny_recipe, tmp_path)
     assert all(state in ("SUCCEEDED", "CANCELLED") for state in states.values()), states
 
 
-def _mark_scoring_done(args: list[str], experiment: Path) -> dict[str, str]:
-    """Marks 05_verify and what follows it complete (their own tests run them), so that the cluster runs the stages
-    a test is about; returns the stages' fingerprints."""
-    from qatflow.manifest import MANIFEST
-    from qatflow.stages import fingerprints
-
-    config, _ = cli.load_config(args)
-    prints = fingerprints(config)
-    for stage in ("05_verify", "06_eval_bf16", "07_eval_ptq", "08_eval_trained", "09_report"):
-        (experiment / stage).mkdir(parents=True)
-        (experiment / stage / MANIFEST).write_text(json.dumps({"fingerprint": prints[stage], "outputs": {}}))
-    return prints
-
-
 def test_nemo_stages_as_two_slurm_tasks_commit_once(cluster_env, tiny_model, tmp_path):
     """02_ptq and 03_train of the nemo backend (CPU, gloo, TP=2) as two srun tasks each: every task knows its
     rank from Slurm's variables, so one commits and the other waits; the next stage finds the result."""
@@ -471,7 +457,7 @@ def test_nemo_stages_as_two_slurm_tasks_commit_once(cluster_env, tiny_model, tmp
     experiment = tmp_path / "tp2"
     # The scoring stages are test_nemo_backend_cpu's; on 2 cores they are marked done here so that the cluster
     # runs what this test is about: data, import, the two-task stages and the export that reads them.
-    prints = _mark_scoring_done(args, experiment)
+    prints = mark_stages_done(args, experiment)
     result = run_flow(*args, timeout=900)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
 
@@ -512,7 +498,7 @@ def test_hf_training_as_two_slurm_tasks_commits_once(cluster_env, tiny_recipe, t
     experiment = tmp_path / "fsdp"
     # The scoring stages are test_flow_tiny's and test_hf_fsdp's; marked done here so that the cluster runs the
     # two-task stage and what reads it.
-    prints = _mark_scoring_done(args, experiment)
+    prints = mark_stages_done(args, experiment)
     driver = subprocess.Popen([sys.executable, str(ENTRY), *args], cwd=REPO, text=True, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE)
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
-from conftest import ENTRY, REPO, processes_mentioning
+from conftest import ENTRY, REPO, mark_stages_done, processes_mentioning
 from test_flow_tiny import _assert_weights_only_and_no_checkpoints_left, _manifest
 
 from qatflow import lifecycle
@@ -78,8 +78,11 @@ class Run:
 
 
 @pytest.fixture
-def experiment(prepared, tmp_path) -> Path:
+def experiment(prepared, tiny_recipe, tmp_path) -> Path:
+    """A copy of the prepared stages, with 05_verify and what follows it marked done: these tests are about
+    03_train, and a run that finishes it ends with 04_export."""
     shutil.copytree(prepared, tmp_path / EXPERIMENT)
+    mark_stages_done(_args(tiny_recipe, tmp_path), tmp_path / EXPERIMENT)
     return tmp_path / EXPERIMENT
 
 
