@@ -66,16 +66,15 @@ def run_flow(*args: str, cwd: Path = REPO, timeout: int = 900, entry: Path = ENT
                           timeout=timeout)
 
 
-SCORING_STAGES = ("05_verify", "06_eval_bf16", "07_eval_ptq", "08_eval_trained", "09_report")
-
-
-def mark_stages_done(args: list[str], experiment: Path, stages: tuple[str, ...] = SCORING_STAGES) -> dict[str, str]:
-    """Marks `stages` complete in `experiment`, with the fingerprints a run of `args` gives them, so that the run
-    skips them and spends its time on the stages a test is about (their own tests run the rest); returns every
-    stage's fingerprint."""
+def mark_stages_done(args: list[str], experiment: Path, stages: tuple[str, ...] | None = None) -> dict[str, str]:
+    """Marks `stages` (by default 05_verify and every stage after it) complete in `experiment`, with the
+    fingerprints a run of `args` gives them, so that the run skips them and spends its time on the stages a test is
+    about (their own tests run the rest); returns every stage's fingerprint."""
     from qatflow import cli
     from qatflow.manifest import MANIFEST
-    from qatflow.stages import fingerprints
+    from qatflow.stages import SCORING_STAGES, fingerprints
+
+    stages = (*SCORING_STAGES, "09_report") if stages is None else stages
 
     config, _ = cli.load_config(args)
     prints = fingerprints(config)

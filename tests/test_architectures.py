@@ -16,7 +16,7 @@ import pytest
 from conftest import mark_stages_done, run_nemo_cpu
 
 from qatflow import paths
-from qatflow.stages import STAGE_NAMES
+from qatflow.stages import EVAL_STAGES, STAGE_NAMES
 
 SCALED = """\
 inherit: {recipe}
@@ -141,7 +141,7 @@ def test_qwen3_recipe_on_the_nemo_backend(tiny_qwen3, tmp_path):
     # What this architecture changes ends at 06_eval_bf16 (the import against the HF model) and 05_verify (the
     # export against the student); test_nemo_backend_cpu runs the later evaluations and the report.
     mark_stages_done(["--backend", "nemo", "--nemo-env", "cpu", *args], experiment,
-                     ("07_eval_ptq", "08_eval_trained", "09_report"))
+                     (*EVAL_STAGES[1:], "09_report"))
     result = run_nemo_cpu(*args)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert metrics(experiment, "01_import")["nemo_config"] == "Qwen3Config"

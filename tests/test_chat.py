@@ -118,8 +118,10 @@ def test_truncation_at_every_length_matches_the_whole_conversation_cut(tokenizer
     for messages in [*_conversations()[:2], TOOL_CONVERSATION]:
         full = tokenize_conversation(tokenizer, messages, max_len=100_000)
         # Cuts just before, at and after the first starts and ends of replies, and at both ends.
-        edges = [index for index in range(1, len(full.loss_mask)) if full.loss_mask[index] != full.loss_mask[index - 1]][:6]
-        lengths = {1, len(full.input_ids), len(full.input_ids) + 1} | {edge + shift for edge in edges for shift in (-1, 0, 1)}
+        mask = full.loss_mask
+        edges = [index for index in range(1, len(mask)) if mask[index] != mask[index - 1]][:6]
+        lengths = {1, len(full.input_ids), len(full.input_ids) + 1} | {edge + shift for edge in edges
+                                                                       for shift in (-1, 0, 1)}
         for max_len in sorted(length for length in lengths if length > 0):
             cut = tokenize_conversation(tokenizer, messages, max_len=max_len)
             assert (cut.input_ids, cut.loss_mask, cut.full_length) == \

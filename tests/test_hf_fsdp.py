@@ -20,6 +20,7 @@ from conftest import ENTRY, REPO, mark_stages_done, processes_mentioning
 
 from qatflow import lifecycle
 from qatflow.backends.hf.sharding import checkpoint_step
+from qatflow.stages import EVAL_STAGES
 
 EXPERIMENT = "fsdp"
 SETTINGS = ("--experiment", EXPERIMENT, "--device", "cpu", "--set", "train.steps=20", "--set",
@@ -152,7 +153,7 @@ def test_two_processes_killed_rank_resumes_on_any_process_count_and_match_one_pr
     experiment = tmp_path / EXPERIMENT
     args = _args(tiny_recipe, tmp_path, "--train-gpus", "2")
     # The evaluations and the report are other tests': the rerun ends with 05_verify, which checks the export.
-    mark_stages_done(args, experiment, ("06_eval_bf16", "07_eval_ptq", "08_eval_trained", "09_report"))
+    mark_stages_done(args, experiment, (*EVAL_STAGES, "09_report"))
     started: list[subprocess.Popen] = []
     try:
         # kill -9 of rank 1 once the checkpoint of step 5 is in place: torchrun stops rank 0, the CLI reports the
@@ -181,8 +182,9 @@ def test_two_processes_killed_rank_resumes_on_any_process_count_and_match_one_pr
         second = first + 5
         assert [path.name for path in _checkpoint(experiment, "step_*")] == [f"step_{second:06d}.pt"]
 
-        # The first command again: two processes resume the one-process checkpoint and 04_export and 05_verify
-        # run; they gather each layer's weights and reduce-scatter its gradients once a step, which changes no result.
+        # The first command again: two processes resume the one-process checkpoint, and 04_export and 05_verify
+        # run; they gather each layer's weights and reduce-scatter its gradients once a step, which changes no
+        # result.
         rerun = _start([*args, "--set", "train.fsdp_gather_once_per_step=true"], tmp_path, "rerun")
         started.append(rerun)
         assert rerun.wait(WAIT_SECONDS) == 0, _output(tmp_path, "rerun")

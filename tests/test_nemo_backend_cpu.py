@@ -21,8 +21,8 @@ data: {{num_train: 64, num_validation: 16}}
 ptq: {{calib_samples: 8, calib_seq_len: 128, calib_batch_size: 4}}
 train: {{steps: 6, global_batch_size: 4, micro_batch_size: 2, seq_len: 128, checkpoint_every: 3, lr: 1.0e-4,
         warmup_steps: 1}}
-eval: {{num_samples: 16, seq_len: 128, batch_size: 8, generation_prompts: 2, tasks: [chitchat_next_turn, chitchat_quote],
-       task_limit: 4}}
+eval: {{num_samples: 16, seq_len: 128, batch_size: 8, generation_prompts: 2,
+       tasks: [chitchat_next_turn, chitchat_quote], task_limit: 4}}
 nemo: {{val_check_interval: 3, limit_val_batches: 2}}
 """
 

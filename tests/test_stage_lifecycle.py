@@ -23,8 +23,9 @@ from qatflow import lifecycle
 
 EXPERIMENT = "life"
 # One process per stage (the recipe runs them in the CLI's process): what a stage process's kill and its lock do.
-SETTINGS = ("--experiment", EXPERIMENT, "--set", "run.in_process=false", "--set", "train.steps=40", "--set", "train.checkpoint_every=5",
-            "--set", "train.keep_checkpoints=2", "--set", "verify.w4a16=false", "--set", "eval.num_samples=8")
+SETTINGS = ("--experiment", EXPERIMENT, "--set", "run.in_process=false", "--set", "train.steps=40",
+            "--set", "train.checkpoint_every=5", "--set", "train.keep_checkpoints=2", "--set", "verify.w4a16=false",
+            "--set", "eval.num_samples=8")
 PREPARED = ("00_data", "01_import", "02_ptq")
 WAIT_SECONDS = 300
 
@@ -260,7 +261,8 @@ def test_an_attempt_refuses_a_held_lock_and_takes_a_dead_holders(tiny_recipe, tm
     lifecycle.acquire(config.experiment_dir, "00_data").release()
 
 
-def test_a_library_logger_set_up_in_one_in_process_stage_prints_into_the_next_stage_and_after_the_run(tmp_path, capsys):
+def test_a_library_logger_set_up_in_one_in_process_stage_prints_into_the_next_stage_and_after_the_run(
+        tmp_path, capsys):
     """nemo_run's direct mode copies a stage's output into its log and closes that copy when the stage ends; a
     library that set up its logging during the stage (transformers does) writes to the current stream from then on:
     into the next stage's log, and to the terminal after the run, with no logging error."""
